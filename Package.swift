@@ -1,0 +1,30 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "Kappa",
+    products: [
+        .library(name: "Kappa", targets: ["Kappa"]),
+        .executable(name: "GradCheck", targets: ["GradCheck"]),
+    ],
+    dependencies: [
+        // `Real` gives generic exp/log/erf/... over Float and Double, specialized per type.
+        .package(url: "https://github.com/apple/swift-numerics", from: "1.1.1"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CBLAS",
+            path: "Sources/CBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev", "liblapacke-dev"])]
+        ),
+        .target(
+            name: "Kappa",
+            dependencies: ["CBLAS", .product(name: "RealModule", package: "swift-numerics")]
+        ),
+        .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
+        .executableTarget(name: "KappaBench", dependencies: ["Kappa", "CBLAS"], path: "Benchmarks/KappaBench"),
+        .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,142 @@
+import CBLAS
+
+// Matrix products. Every product goes to cblas_sgemm/cblas_dgemm; a transposed view is
+// passed with a transpose flag and its leading dimension instead of being copied.
+// d(A·B) = G·Bᵀ for A and Aᵀ·G for B; broadcast batch dimensions are summed by the tape.
+
+/// How a 2-D strided view is handed to BLAS without copying, if it can be.
+private struct MatrixOperand {
+    let transpose: Bool
+    let ld: Int
+
+    /// `nil` when the view's strides fit neither row-major nor column-major storage.
+    init?(rows: Int, cols: Int, rowStride rs: Int, colStride cs: Int) {
+        if (cs == 1 || cols == 1) && (rows == 1 || rs >= Swift.max(cols, 1)) {
+            transpose = false
+            ld = rows == 1 ? Swift.max(cols, 1) : rs
+        } else if (rs == 1 || rows == 1) && (cols == 1 || cs >= Swift.max(rows, 1)) {
+            transpose = true
+            ld = cols == 1 ? Swift.max(rows, 1) : cs
+        } else {
+            return nil
+        }
+    }
+}
+
+/// C = op(A)·op(B) for row-major storage.
+@inline(__always)
+func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
+                           _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
+                           _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0) {
+    let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
+    switch T.dtype {
+    case .float32:
+        a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
+            b.withMemoryRebound(to: Float.self, capacity: 1) { pb in
+                c.withMemoryRebound(to: Float.self, capacity: 1) { pc in
+                    cblas_sgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), 1, pa, Int32(lda), pb,
+                                Int32(ldb), Float(beta), pc, Int32(ldc))
+                }
+            }
+        }
+    case .float64:
+        a.withMemoryRebound(to: Double.self, capacity: 1) { pa in
+            b.withMemoryRebound(to: Double.self, capacity: 1) { pb in
+                c.withMemoryRebound(to: Double.self, capacity: 1) { pc in
+                    cblas_dgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), 1, pa, Int32(lda), pb,
+                                Int32(ldb), Double(beta), pc, Int32(ldc))
+                }
+            }
+        }
+    }
+}
+
+extension Tensor {
+    /// The matrix product, following NumPy's `matmul`: 1-D × 1-D is a dot product; a 1-D
+    /// operand is a row (left) or column (right) vector; operands of rank ≥ 2 are stacks
+    /// of matrices whose batch dimensions broadcast.
+    public func matmul(_ other: Tensor) -> Tensor {
+        let a = self, b = other
+        precondition(a.rank >= 1 && b.rank >= 1, "matmul: \(a.shape) × \(b.shape): operands must have rank ≥ 1")
+        switch (a.rank, b.rank) {
+        case (1, 1):
+            return a.unsqueezed(axis: 0).matmul(b.unsqueezed(axis: 1)).reshape([])
+        case (1, _):
+            return a.unsqueezed(axis: 0).matmul(b).squeezed(axis: -2)
+        case (_, 1):
+            return a.matmul(b.unsqueezed(axis: 1)).squeezed(axis: -1)
+        default:
+            return Tensor.batchedMatmul(a, b)
+        }
+    }
+
+    /// `a.matmul(b)`.
+    public static func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { a.matmul(b) }
+
+    private static func batchedMatmul(_ a: Tensor, _ b: Tensor) -> Tensor {
+        checkSameDType("matmul", a, b)
+        let (m, k) = (a.shape[a.rank - 2], a.shape[a.rank - 1])
+        let (k2, n) = (b.shape[b.rank - 2], b.shape[b.rank - 1])
+        precondition(k == k2, "matmul: \(a.shape) × \(b.shape): inner dimensions \(k) and \(k2) differ")
+        let batchA = Array(a.shape.dropLast(2)), batchB = Array(b.shape.dropLast(2))
+        guard let batch = broadcastShapes(batchA, batchB) else {
+            preconditionFailure("matmul: \(a.shape) × \(b.shape): batch dimensions \(batchA) and \(batchB) cannot be broadcast")
+        }
+        let out = Tensor(uninitialized: batch + [m, n], dtype: a.dtype)
+        switch a.dtype {
+        case .float32: matmulKernel(a, b, out, batch, m, n, k, Float.self)
+        case .float64: matmulKernel(a, b, out, batch, m, n, k, Double.self)
+        }
+        Tape.record("matmul", [a, b], out) { g in
+            [a._requiresGrad ? g.matmul(b.transposed()) : nil,
+             b._requiresGrad ? a.transposed().matmul(g) : nil]
+        }
+        return out
+    }
+}
+
+private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Tensor, _ batch: [Int],
+                                           _ m: Int, _ n: Int, _ k: Int, _: T.Type) {
+    if m == 0 || n == 0 { return }
+    if k == 0 {
+        out.pointer(T.self).update(repeating: 0, count: out.count)
+        return
+    }
+    func operand(_ t: Tensor) -> (Tensor, MatrixOperand) {
+        let r = t.rank
+        if let op = MatrixOperand(rows: t.shape[r - 2], cols: t.shape[r - 1],
+                                  rowStride: t.strides[r - 2], colStride: t.strides[r - 1]) {
+            return (t, op)
+        }
+        let c = t.contiguousData()
+        return (c, MatrixOperand(rows: c.shape[r - 2], cols: c.shape[r - 1],
+                                 rowStride: c.strides[r - 2], colStride: c.strides[r - 1])!)
+    }
+    let (a, opA) = operand(a0), (b, opB) = operand(b0)
+    let pa = a.pointer(T.self), pb = b.pointer(T.self), pc = out.pointer(T.self)
+    let batchCount = shapeCount(batch)
+    let bBatchStrides = broadcastStrides(shape: Array(b.shape.dropLast(2)), strides: Array(b.strides.dropLast(2)), to: batch)
+    let aBatchStrides = broadcastStrides(shape: Array(a.shape.dropLast(2)), strides: Array(a.strides.dropLast(2)), to: batch)
+
+    // One product when B is shared by every batch and A's batch and row dimensions merge
+    // into one row dimension: [batch·M, K] × [K, N].
+    if batchCount > 1 && bBatchStrides.allSatisfy({ $0 == 0 }) && !opA.transpose {
+        let (s, st) = coalesce(batch + [m], [aBatchStrides + [a.strides[a.rank - 2]]])
+        if s.count == 1 && st[0][0] == opA.ld {
+            gemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+            return
+        }
+    }
+    if batchCount == 1 {
+        gemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+        return
+    }
+    var c = 0
+    forEachRun(batch, [aBatchStrides, bBatchStrides]) { off, step, runs in
+        for i in 0..<runs {
+            gemm(opA.transpose, opB.transpose, m, n, k, pa + off[0] + i * step[0], opA.ld,
+                 pb + off[1] + i * step[1], opB.ld, pc + c * m * n, n)
+            c += 1
+        }
+    }
+}

@@ -1,0 +1,118 @@
+import RealModule
+
+// softmax and logSoftmax along an axis are fused kernels (forward and VJP), numerically
+// stable by subtracting the maximum; L2 normalization and cross-entropy compose them.
+
+extension Tensor {
+    /// exp(x − max)/Σ exp(x − max) along `axis`. VJP: y ⊙ (g − Σ g ⊙ y).
+    public func softmax(alongAxis axis: Int = -1) -> Tensor {
+        softmaxOp(axis, log: false)
+    }
+
+    /// x − max − log Σ exp(x − max) along `axis`. VJP: g − exp(y) Σ g.
+    public func logSoftmax(alongAxis axis: Int = -1) -> Tensor {
+        softmaxOp(axis, log: true)
+    }
+
+    private func softmaxOp(_ axis: Int, log: Bool) -> Tensor {
+        let name = log ? "logSoftmax" : "softmax"
+        let L = ReductionLayout(self, axes: [axis], keepingDims: true, op: name)
+        let out = Tensor(uninitialized: shape, dtype: dtype)
+        switch dtype {
+        case .float32: softmaxForward(L, out, log, Float.self)
+        case .float64: softmaxForward(L, out, log, Double.self)
+        }
+        let y = out.detached()
+        Tape.record(name, [self], out) { g in
+            let gx = Tensor(uninitialized: y.shape, dtype: y.dtype)
+            let gc = g.contiguousData()
+            switch y.dtype {
+            case .float32: softmaxBackward(L, gc, y, gx, log, Float.self)
+            case .float64: softmaxBackward(L, gc, y, gx, log, Double.self)
+            }
+            return [gx]
+        }
+        return out
+    }
+
+    /// x / max(‖x‖₂, eps) along `axis` (PyTorch's `F.normalize`).
+    public func l2Normalized(alongAxis axis: Int = -1, eps: Double = 1e-12) -> Tensor {
+        self / norm(2, alongAxes: [axis], keepingDims: true).clamped(min: eps)
+    }
+
+    /// The cross-entropy −Σₖ tₖ log softmax(x)ₖ along `axis` between `logits` and target
+    /// probabilities of the same shape, averaged over all other positions.
+    public static func crossEntropy(logits: Tensor, targetProbabilities targets: Tensor, alongAxis axis: Int = -1) -> Tensor {
+        precondition(logits.shape == targets.shape,
+                     "crossEntropy: logits \(logits.shape) and targets \(targets.shape) differ")
+        return -(targets * logits.logSoftmax(alongAxis: axis)).sum(alongAxis: axis).mean()
+    }
+
+    /// The cross-entropy of logits [N, C] against integer class labels, averaged over N.
+    public static func crossEntropy(logits: Tensor, labels: [Int]) -> Tensor {
+        precondition(logits.rank == 2 && logits.shape[0] == labels.count,
+                     "crossEntropy: logits \(logits.shape) do not match \(labels.count) labels")
+        let c = logits.shape[1]
+        for l in labels { precondition(l >= 0 && l < c, "crossEntropy: label \(l) is out of range 0..<\(c)") }
+        let index = Tensor(labels.map(Double.init), shape: [labels.count, 1], dtype: logits.dtype)
+        return -logits.logSoftmax(alongAxis: 1).gather(alongAxis: 1, index: index).mean()
+    }
+
+    /// Zeroes each element with probability `probability` and scales the rest by
+    /// 1/(1 − probability) when `training`; the identity otherwise.
+    public func dropout(probability p: Double, training: Bool, using generator: inout RandomGenerator) -> Tensor {
+        precondition(p >= 0 && p <= 1, "dropout: probability \(p) is outside [0, 1]")
+        guard training && p > 0 else { return self }
+        if p == 1 { return self * 0 }
+        let mask = Tensor.bernoulli(shape, probability: 1 - p, dtype: dtype, using: &generator)
+        return self * (mask / (1 - p))
+    }
+}
+
+private func softmaxForward<T: TensorScalar>(_ L: ReductionLayout, _ out: Tensor, _ log: Bool, _: T.Type) {
+    let px = L.data.pointer(T.self), py = out.pointer(T.self)
+    let (outer, r, inner) = (L.outer, L.r, L.inner)
+    Parallel.forEach(outer * inner, costPerItem: r * 4) { range in
+        for item in range {
+            let o = item / inner, i = item % inner
+            let x = px + o * r * inner + i, y = py + o * r * inner + i
+            var m = -T.infinity
+            for j in 0..<r where x[j * inner] > m || x[j * inner].isNaN { m = x[j * inner]; if m.isNaN { break } }
+            if m == -.infinity { m = 0 }  // all −∞: exp gives 0s, and log 0 = −∞ below
+            var s: T = 0
+            if inner == 1 {
+                for j in 0..<r { let e = T.exp(x[j] - m); y[j] = e; s += e }
+            } else {
+                for j in 0..<r { let e = T.exp(x[j * inner] - m); y[j * inner] = e; s += e }
+            }
+            if log {
+                let ls = m + T.log(s)
+                for j in 0..<r { y[j * inner] = x[j * inner] - ls }
+            } else {
+                let inv = 1 / s
+                for j in 0..<r { y[j * inner] *= inv }
+            }
+        }
+    }
+}
+
+private func softmaxBackward<T: TensorScalar>(_ L: ReductionLayout, _ g: Tensor, _ y: Tensor, _ gx: Tensor,
+                                              _ log: Bool, _: T.Type) {
+    let pg = g.pointer(T.self), py = y.pointer(T.self), pgx = gx.pointer(T.self)
+    let (outer, r, inner) = (L.outer, L.r, L.inner)
+    Parallel.forEach(outer * inner, costPerItem: r * 4) { range in
+        for item in range {
+            let o = item / inner, i = item % inner
+            let base = o * r * inner + i
+            let gg = pg + base, yy = py + base, dx = pgx + base
+            var s: T = 0
+            if log {
+                for j in 0..<r { s += gg[j * inner] }
+                for j in 0..<r { dx[j * inner] = gg[j * inner] - T.exp(yy[j * inner]) * s }
+            } else {
+                for j in 0..<r { s += gg[j * inner] * yy[j * inner] }
+                for j in 0..<r { dx[j * inner] = yy[j * inner] * (gg[j * inner] - s) }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+/// Shape arithmetic shared by the ops: element counts, strides, broadcasting, axes.
+
+@inline(__always)
+func shapeCount(_ shape: [Int]) -> Int {
+    var n = 1
+    for d in shape { n &*= d }
+    return n
+}
+
+/// Row-major (C-order) strides of a contiguous tensor of `shape`, in elements.
+func contiguousStrides(_ shape: [Int]) -> [Int] {
+    var strides = [Int](repeating: 1, count: shape.count)
+    var s = 1
+    for i in stride(from: shape.count - 1, through: 0, by: -1) {
+        strides[i] = s
+        s *= shape[i]
+    }
+    return strides
+}
+
+/// The NumPy broadcast of two shapes, or `nil` when they are incompatible.
+func broadcastShapes(_ a: [Int], _ b: [Int]) -> [Int]? {
+    let n = max(a.count, b.count)
+    var out = [Int](repeating: 1, count: n)
+    for i in 0..<n {
+        let da = i < n - a.count ? 1 : a[i - (n - a.count)]
+        let db = i < n - b.count ? 1 : b[i - (n - b.count)]
+        if da == db || db == 1 { out[i] = da } else if da == 1 { out[i] = db } else { return nil }
+    }
+    return out
+}
+
+/// Broadcasts two shapes or stops with a message naming the op and both shapes.
+func broadcastOrFail(_ op: String, _ a: [Int], _ b: [Int]) -> [Int] {
+    guard let s = broadcastShapes(a, b) else {
+        preconditionFailure("\(op): \(a) and \(b) cannot be broadcast together")
+    }
+    return s
+}
+
+/// Strides for reading a tensor of `shape`/`strides` as if it had `target` shape (stride 0
+/// along broadcast dimensions).
+func broadcastStrides(shape: [Int], strides: [Int], to target: [Int]) -> [Int] {
+    var out = [Int](repeating: 0, count: target.count)
+    let lead = target.count - shape.count
+    for i in 0..<shape.count where shape[i] != 1 {
+        out[lead + i] = strides[i]
+    }
+    return out
+}
+
+/// Normalizes a possibly negative axis against `rank`, stopping with the op's name when it
+/// is out of range.
+func normalizeAxis(_ axis: Int, rank: Int, op: String, shape: [Int]) -> Int {
+    let a = axis < 0 ? axis + rank : axis
+    precondition(a >= 0 && a < rank, "\(op): axis \(axis) is out of range for shape \(shape)")
+    return a
+}
+
+/// Normalizes, sorts and de-duplicates a set of axes.
+func normalizeAxes(_ axes: [Int], rank: Int, op: String, shape: [Int]) -> [Int] {
+    let n = axes.map { normalizeAxis($0, rank: rank, op: op, shape: shape) }
+    precondition(Set(n).count == n.count, "\(op): repeated axis in \(axes) for shape \(shape)")
+    return n.sorted()
+}
+
+/// Merges adjacent dimensions that every operand walks contiguously, and drops size-1
+/// dimensions, so strided loops run long inner loops. Returns the merged shape and strides.
+func coalesce(_ shape: [Int], _ strides: [[Int]]) -> ([Int], [[Int]]) {
+    var outShape: [Int] = []
+    var outStrides: [[Int]] = Array(repeating: [], count: strides.count)
+    for i in 0..<shape.count where shape[i] != 1 {
+        if let last = outShape.last,
+           (0..<strides.count).allSatisfy({ outStrides[$0].last! == strides[$0][i] * shape[i] }) {
+            outShape[outShape.count - 1] = last * shape[i]
+            for k in 0..<strides.count { outStrides[k][outStrides[k].count - 1] = strides[k][i] }
+        } else {
+            outShape.append(shape[i])
+            for k in 0..<strides.count { outStrides[k].append(strides[k][i]) }
+        }
+    }
+    if outShape.isEmpty {
+        outShape = [1]
+        outStrides = Array(repeating: [0], count: strides.count)
+    }
+    return (outShape, outStrides)
+}
+
+/// Calls `body(offsets, steps, n)` for each run of the innermost dimension of `shape`
+/// (after ``coalesce(_:_:)``), where `offsets[k]` is the element offset of operand `k` at
+/// the start of the run and `steps[k]` its stride within the run.
+@inline(__always)
+func forEachRun(_ shape: [Int], _ strides: [[Int]],
+                _ body: (UnsafeMutableBufferPointer<Int>, UnsafeMutableBufferPointer<Int>, Int) -> Void) {
+    let total = shapeCount(shape)
+    if total == 0 { return }
+    let (s, st) = coalesce(shape, strides)
+    let rank = s.count, k = st.count
+    let inner = s[rank - 1]
+    withUnsafeTemporaryAllocation(of: Int.self, capacity: 2 * k + rank) { buf in
+        let offsets = UnsafeMutableBufferPointer(rebasing: buf[0..<k])
+        let steps = UnsafeMutableBufferPointer(rebasing: buf[k..<(2 * k)])
+        let index = UnsafeMutableBufferPointer(rebasing: buf[(2 * k)..<(2 * k + rank)])
+        for j in 0..<k { offsets[j] = 0; steps[j] = st[j][rank - 1] }
+        for j in 0..<rank { index[j] = 0 }
+        var done = 0
+        while done < total {
+            body(offsets, steps, inner)
+            done += inner
+            // Advance the outer index like an odometer.
+            var d = rank - 2
+            while d >= 0 {
+                index[d] += 1
+                for j in 0..<k { offsets[j] += st[j][d] }
+                if index[d] < s[d] { break }
+                for j in 0..<k { offsets[j] -= st[j][d] * s[d] }
+                index[d] = 0
+                d -= 1
+            }
+        }
+    }
+}

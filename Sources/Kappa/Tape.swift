@@ -1,0 +1,246 @@
+/// The tape: every op on tensors that require gradients appends a node, numbered in the
+/// order it ran. `backward` gathers the nodes an output depends on and runs their
+/// vector-Jacobian products in reverse tape order, accumulating into the leaves.
+///
+/// Nodes hold their inputs and the residuals their VJPs saved; an output holds its node.
+/// Nothing else refers to a node, so a graph is freed with the last tensor that reaches it,
+/// and `backward` releases the saved residuals as it goes (unless `retainGraph`), so memory
+/// does not grow across training steps.
+
+/// A recorded op: its inputs and the closure that maps the output's gradient to one
+/// gradient per input (`nil` where an input is not differentiable).
+final class Node {
+    /// Position on the tape; later ops have larger numbers.
+    let sequence: Int
+    let name: String
+    var inputs: [Tensor?]
+    let inputShapes: [[Int]]
+    var vjp: ((Tensor) -> [Tensor?])?
+
+    init(name: String, inputs: [Tensor?], inputShapes: [[Int]], vjp: @escaping (Tensor) -> [Tensor?]) {
+        Tape.counter &+= 1
+        self.sequence = Tape.counter
+        self.name = name
+        self.inputs = inputs
+        self.inputShapes = inputShapes
+        self.vjp = vjp
+    }
+}
+
+/// Global switches of the tape. The tape is per process: build and differentiate a graph
+/// from one thread at a time (data loading threads may run ops on tensors that do not
+/// require gradients freely).
+public enum Tape {
+    nonisolated(unsafe) static var counter = 0
+    nonisolated(unsafe) static var gradEnabled = true
+    nonisolated(unsafe) static var anomalyDetection = false
+    nonisolated(unsafe) static var firstAnomaly: AnomalyError?
+
+    /// Whether ops currently record onto the tape.
+    public static var isRecording: Bool { gradEnabled }
+
+    /// Whether an op on `inputs` must be recorded.
+    @inline(__always)
+    static func needsGrad(_ inputs: [Tensor]) -> Bool {
+        guard gradEnabled else { return false }
+        for t in inputs where t._requiresGrad { return true }
+        return false
+    }
+
+    /// Records `output` as the result of op `name` on `inputs` with the given VJP, when
+    /// gradients are on and some input requires them; checks the output for non-finite
+    /// values in anomaly mode. The VJP must not capture `output` itself (use a
+    /// `detached()` view of it): a node holding its own output would never be freed.
+    @inline(__always)
+    static func record(_ name: String, _ inputs: [Tensor], _ output: Tensor,
+                       _ vjp: @escaping (Tensor) -> [Tensor?]) {
+        if anomalyDetection { checkAnomaly(output, op: name, phase: "forward", inputs: inputs.map(\.shape)) }
+        guard needsGrad(inputs) else { return }
+        output._requiresGrad = true
+        output.gradFn = Node(name: name, inputs: inputs.map { $0._requiresGrad ? $0 : nil },
+                             inputShapes: inputs.map(\.shape), vjp: vjp)
+    }
+
+    static func checkAnomaly(_ t: Tensor, op: String, phase: String, inputs: [[Int]]) {
+        guard firstAnomaly == nil, !t.isAllFinite else { return }
+        firstAnomaly = AnomalyError(op: op, phase: phase, inputShapes: inputs, outputShape: t.shape)
+    }
+}
+
+extension Tensor {
+    var isAllFinite: Bool {
+        let c = contiguousData()
+        let n = c.count
+        switch dtype {
+        case .float32:
+            let p = c.pointer(Float.self)
+            var bad = false
+            for i in 0..<n where !p[i].isFinite { bad = true; break }
+            return !bad
+        case .float64:
+            let p = c.pointer(Double.self)
+            var bad = false
+            for i in 0..<n where !p[i].isFinite { bad = true; break }
+            return !bad
+        }
+    }
+}
+
+/// Runs `body` with recording off: ops produce tensors without gradient history (for a
+/// teacher network, evaluation and optimizer updates).
+public func withoutGradients<R>(_ body: () throws -> R) rethrows -> R {
+    let saved = Tape.gradEnabled
+    Tape.gradEnabled = false
+    defer { Tape.gradEnabled = saved }
+    return try body()
+}
+
+/// Runs `body` with recording on, even inside ``withoutGradients(_:)``.
+public func withGradients<R>(_ body: () throws -> R) rethrows -> R {
+    let saved = Tape.gradEnabled
+    Tape.gradEnabled = true
+    defer { Tape.gradEnabled = saved }
+    return try body()
+}
+
+// MARK: Anomaly mode
+
+/// The first op, in a ``withAnomalyDetection(_:)`` scope, whose forward output or backward
+/// gradient held NaN or infinity.
+public struct AnomalyError: Error, CustomStringConvertible, Equatable {
+    /// The op's name, as recorded on the tape (`"log"`, `"matmul"`, ...).
+    public let op: String
+    /// `"forward"` or `"backward"`.
+    public let phase: String
+    /// The shapes of the op's inputs.
+    public let inputShapes: [[Int]]
+    /// The shape of the non-finite result (the output in forward, the input gradient in backward).
+    public let outputShape: [Int]
+
+    public var description: String {
+        let ins = inputShapes.map { "\($0)" }.joined(separator: ", ")
+        return "anomaly: \(phase) of '\(op)' (inputs \(ins)) produced NaN or infinity in a result of shape \(outputShape)"
+    }
+}
+
+/// Runs `body` checking every op's forward output and every gradient backward computes for
+/// NaN or infinity; throws an ``AnomalyError`` naming the first op that produced one, instead
+/// of a NaN loss many steps later. The check costs a pass over each result.
+public func withAnomalyDetection<R>(_ body: () throws -> R) throws -> R {
+    let saved = (Tape.anomalyDetection, Tape.firstAnomaly)
+    Tape.anomalyDetection = true
+    Tape.firstAnomaly = nil
+    defer { (Tape.anomalyDetection, Tape.firstAnomaly) = saved }
+    let result = try body()
+    if let a = Tape.firstAnomaly { throw a }
+    return result
+}
+
+// MARK: Backward
+
+extension Tensor {
+    /// Back-propagates from this tensor: walks the tape in reverse from the op that made it
+    /// and adds d(self)/d(leaf) · `gradient` into the ``grad`` of every leaf that requires
+    /// gradients. A scalar may omit `gradient` (it defaults to 1). Gradients accumulate
+    /// across calls until ``zeroGrad()``. The saved residuals are released afterwards unless
+    /// `retainGraph` is true.
+    public func backward(_ gradient: Tensor? = nil, retainGraph: Bool = false) {
+        precondition(_requiresGrad, "backward: tensor of shape \(shape) does not require gradients")
+        let seed: Tensor
+        if let g = gradient {
+            precondition(g.shape == shape, "backward: gradient shape \(g.shape) differs from output shape \(shape)")
+            precondition(g.dtype == dtype, "backward: gradient dtype \(g.dtype) differs from output dtype \(dtype)")
+            seed = g
+        } else {
+            precondition(count == 1, "backward: output of shape \(shape) is not a scalar; pass a gradient")
+            seed = Tensor.full(shape, 1, dtype: dtype)
+        }
+        guard let root = gradFn else {
+            accumulateLeaf(self, seed)
+            return
+        }
+        withoutGradients {
+            // Gather the nodes `root` depends on, then run them latest-first: reverse tape order
+            // is a topological order, since an op's inputs exist before it runs.
+            var nodes: [Node] = []
+            var seen: Set<ObjectIdentifier> = [ObjectIdentifier(root)]
+            var stack = [root]
+            while let n = stack.popLast() {
+                nodes.append(n)
+                for case let t? in n.inputs {
+                    if let m = t.gradFn, seen.insert(ObjectIdentifier(m)).inserted { stack.append(m) }
+                }
+            }
+            nodes.sort { $0.sequence > $1.sequence }
+            var pending: [ObjectIdentifier: Tensor] = [ObjectIdentifier(root): seed]
+            for node in nodes {
+                guard let g = pending.removeValue(forKey: ObjectIdentifier(node)) else { continue }
+                guard let vjp = node.vjp else {
+                    preconditionFailure("backward: the graph through '\(node.name)' was already released; pass retainGraph: true to the earlier backward")
+                }
+                let grads = vjp(g)
+                precondition(grads.count == node.inputs.count,
+                             "backward: VJP of '\(node.name)' returned \(grads.count) gradients for \(node.inputs.count) inputs")
+                for (i, input) in node.inputs.enumerated() {
+                    guard let t = input, var gi = grads[i] else { continue }
+                    if gi.shape != t.shape { gi = gi.sum(toShape: t.shape) }
+                    if Tape.anomalyDetection {
+                        Tape.checkAnomaly(gi, op: node.name, phase: "backward", inputs: node.inputShapes)
+                    }
+                    if let m = t.gradFn {
+                        let key = ObjectIdentifier(m)
+                        if let old = pending[key] { pending[key] = old + gi } else { pending[key] = gi }
+                    } else {
+                        accumulateLeaf(t, gi)
+                    }
+                }
+                if !retainGraph {
+                    node.vjp = nil
+                    node.inputs = node.inputs.map { _ in nil }
+                }
+            }
+        }
+    }
+}
+
+private func accumulateLeaf(_ t: Tensor, _ g: Tensor) {
+    withoutGradients {
+        precondition(g.dtype == t.dtype, "backward: gradient of dtype \(g.dtype) for a \(t.dtype) leaf")
+        if let old = t.grad { t.grad = old + g } else { t.grad = g.copied() }
+    }
+}
+
+// MARK: Custom ops
+
+extension Tensor {
+    /// Defines a differentiable op from a forward function and its vector-Jacobian product,
+    /// like PyTorch's `autograd.Function` or JAX's `custom_vjp`. Every op of the library that
+    /// is not a plain kernel (the special functions, the SSL losses) is built this way.
+    ///
+    /// `forward` runs with recording off on the inputs; `vjp` receives the output's gradient,
+    /// the inputs and the output, and returns one gradient per input in input order (`nil`
+    /// where an input is not differentiable); gradients of broadcast inputs may keep the
+    /// output's shape, the tape sums them down. Gradient-check a new op with ``gradcheck(_:eps:atol:rtol:mode:seed:_:)``:
+    ///
+    /// ```swift
+    /// func cube(_ x: Tensor) -> Tensor {
+    ///     Tensor.custom("cube", [x], forward: { $0[0] * $0[0] * $0[0] },
+    ///                   vjp: { g, inputs, _ in [g * 3 * inputs[0] * inputs[0]] })
+    /// }
+    /// ```
+    public static func custom(_ name: String, _ inputs: [Tensor],
+                              forward: ([Tensor]) -> Tensor,
+                              vjp: @escaping (_ gradient: Tensor, _ inputs: [Tensor], _ output: Tensor) -> [Tensor?]) -> Tensor {
+        let saved = inputs.map { $0.detached() }
+        let y = withoutGradients { forward(saved) }
+        let out = y.detached()
+        let savedOut = out.detached()
+        Tape.record(name, inputs, out) { g in
+            let grads = vjp(g, saved, savedOut)
+            precondition(grads.count == inputs.count,
+                         "\(name): VJP returned \(grads.count) gradients for \(inputs.count) inputs")
+            return grads
+        }
+        return out
+    }
+}
