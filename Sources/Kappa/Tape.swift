@@ -1,3 +1,8 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The tape: every op on tensors that require gradients appends a node, numbered in the
 /// order it ran. `backward` gathers the nodes an output depends on and runs their
 /// vector-Jacobian products in reverse tape order, accumulating into the leaves.
@@ -18,8 +23,7 @@ final class Node {
     var vjp: ((Tensor) -> [Tensor?])?
 
     init(name: String, inputs: [Tensor?], inputShapes: [[Int]], vjp: @escaping (Tensor) -> [Tensor?]) {
-        Tape.counter &+= 1
-        self.sequence = Tape.counter
+        self.sequence = Tape.counter.wrappingAdd(1, ordering: .relaxed).newValue
         self.name = name
         self.inputs = inputs
         self.inputShapes = inputShapes
@@ -27,25 +31,49 @@ final class Node {
     }
 }
 
-/// Global switches of the tape. The tape is per process: build and differentiate a graph
-/// from one thread at a time (data loading threads may run ops on tensors that do not
-/// require gradients freely).
+/// The switches of the tape. Like PyTorch's grad mode they are per thread: a
+/// ``withoutGradients(_:)`` scope on one thread does not affect another. Tape positions
+/// come from one process-wide atomic counter.
 public enum Tape {
-    nonisolated(unsafe) static var counter = 0
-    nonisolated(unsafe) static var gradEnabled = true
-    nonisolated(unsafe) static var anomalyDetection = false
-    nonisolated(unsafe) static var firstAnomaly: AnomalyError?
+    static let counter = Atomic<Int>(0)
+
+    /// The per-thread state: recording on or off, anomaly detection and its first finding.
+    final class State {
+        var gradEnabled = true
+        var anomalyDetection = false
+        var firstAnomaly: AnomalyError?
+    }
+
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key) { p in if let p { Unmanaged<State>.fromOpaque(p).release() } }
+        return key
+    }()
+
+    static var state: State {
+        @inline(__always) get {
+            if let p = pthread_getspecific(key) { return Unmanaged<State>.fromOpaque(p).takeUnretainedValue() }
+            let s = State()
+            pthread_setspecific(key, Unmanaged.passRetained(s).toOpaque())
+            return s
+        }
+    }
+
+    static var gradEnabled: Bool {
+        get { state.gradEnabled }
+        set { state.gradEnabled = newValue }
+    }
+    static var anomalyDetection: Bool {
+        get { state.anomalyDetection }
+        set { state.anomalyDetection = newValue }
+    }
+    static var firstAnomaly: AnomalyError? {
+        get { state.firstAnomaly }
+        set { state.firstAnomaly = newValue }
+    }
 
     /// Whether ops currently record onto the tape.
     public static var isRecording: Bool { gradEnabled }
-
-    /// Whether an op on `inputs` must be recorded.
-    @inline(__always)
-    static func needsGrad(_ inputs: [Tensor]) -> Bool {
-        guard gradEnabled else { return false }
-        for t in inputs where t._requiresGrad { return true }
-        return false
-    }
 
     /// Records `output` as the result of op `name` on `inputs` with the given VJP, when
     /// gradients are on and some input requires them; checks the output for non-finite
@@ -54,8 +82,11 @@ public enum Tape {
     @inline(__always)
     static func record(_ name: String, _ inputs: [Tensor], _ output: Tensor,
                        _ vjp: @escaping (Tensor) -> [Tensor?]) {
-        if anomalyDetection { checkAnomaly(output, op: name, phase: "forward", inputs: inputs.map(\.shape)) }
-        guard needsGrad(inputs) else { return }
+        let state = self.state
+        if state.anomalyDetection { checkAnomaly(output, op: name, phase: "forward", inputs: inputs.map(\.shape)) }
+        var any = false
+        for t in inputs where t._requiresGrad { any = true; break }
+        guard any && state.gradEnabled else { return }
         output._requiresGrad = true
         output.gradFn = Node(name: name, inputs: inputs.map { $0._requiresGrad ? $0 : nil },
                              inputShapes: inputs.map(\.shape), vjp: vjp)

@@ -1,0 +1,399 @@
+// Convolution, pooling and resizing of image batches [B, C, H, W].
+//
+// conv2d is im2col followed by one BLAS product per image; its VJP recomputes the columns
+// (trading a cheap copy for memory), gets the weight gradient as G·colsᵀ and the input
+// gradient as col2im(Wᵀ·G). Pooling and resizing are explicit window/tap kernels whose VJPs
+// scatter the gradient back through the same windows/taps.
+
+/// A pair of sizes for the two spatial axes (height, width).
+public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
+    public var height: Int, width: Int
+    public init(_ height: Int, _ width: Int) { self.height = height; self.width = width }
+    public init(integerLiteral v: Int) { self.init(v, v) }
+}
+
+/// Interpolation for ``Tensor/resized(height:width:mode:)``.
+public enum ResizeMode: Sendable {
+    /// Linear in each axis, 2×2 taps (PyTorch `bilinear`, `align_corners=False`).
+    case bilinear
+    /// Cubic convolution with a = −0.75, 4×4 taps clamped at the borders (PyTorch
+    /// `bicubic`, `align_corners=False`; DINO resizes positional embeddings with it).
+    case bicubic
+}
+
+private func outputSize(_ n: Int, _ k: Int, _ s: Int, _ p: Int, _ d: Int) -> Int {
+    (n + 2 * p - d * (k - 1) - 1) / s + 1
+}
+
+extension Tensor {
+    private func checkImage(_ op: String) -> (Int, Int, Int, Int) {
+        precondition(rank == 4, "\(op): expected an image batch [B, C, H, W], got \(shape)")
+        return (shape[0], shape[1], shape[2], shape[3])
+    }
+
+    /// 2-D cross-correlation (PyTorch's `conv2d`) of [B, C, H, W] with weights [O, C, kh, kw],
+    /// plus an optional bias [O]: output [B, O, H', W'] with
+    /// H' = ⌊(H + 2·padding − dilation·(kh − 1) − 1)/stride⌋ + 1.
+    public func conv2d(weight: Tensor, bias: Tensor? = nil, stride: Size2 = 1, padding: Size2 = 0,
+                       dilation: Size2 = 1) -> Tensor {
+        let (b, c, h, w) = checkImage("conv2d")
+        checkSameDType("conv2d", self, weight)
+        precondition(weight.rank == 4 && weight.shape[1] == c,
+                     "conv2d: input \(shape) and weight \(weight.shape): weight must be [O, \(c), kh, kw]")
+        precondition(stride.height > 0 && stride.width > 0 && dilation.height > 0 && dilation.width > 0
+                     && padding.height >= 0 && padding.width >= 0, "conv2d: invalid stride, padding or dilation")
+        let (o, kh, kw) = (weight.shape[0], weight.shape[2], weight.shape[3])
+        let geo = ConvGeometry(c: c, h: h, w: w, kh: kh, kw: kw, stride: stride, padding: padding, dilation: dilation)
+        precondition(geo.oh > 0 && geo.ow > 0,
+                     "conv2d: input \(shape) is smaller than the dilated kernel \(weight.shape) with padding \(padding.height)×\(padding.width)")
+        let x = contiguousData(), wt = weight.contiguousData()
+        let out = Tensor(uninitialized: [b, o, geo.oh, geo.ow], dtype: dtype)
+        switch dtype {
+        case .float32: convForward(x, wt, out, geo, Float.self)
+        case .float64: convForward(x, wt, out, geo, Double.self)
+        }
+        Tape.record("conv2d", [self, weight], out) { g in
+            let gc = g.contiguousData()
+            let gx = Tensor.zeros(x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
+            switch x.dtype {
+            case .float32: convBackward(x, wt, gc, gx, gw, geo, Float.self)
+            case .float64: convBackward(x, wt, gc, gx, gw, geo, Double.self)
+            }
+            return [gx, gw]
+        }
+        guard let bias else { return out }
+        precondition(bias.shape == [o], "conv2d: bias \(bias.shape) does not match \(o) output channels")
+        return out + bias.reshape([1, o, 1, 1])
+    }
+
+    /// The maximum over kernel×kernel windows (padding counts as −∞). The gradient goes
+    /// to the first maximum of each window and accumulates where windows overlap.
+    public func maxPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
+        let (b, c, h, w) = checkImage("maxPool2d")
+        let s = stride ?? kernel
+        let oh = outputSize(h, kernel.height, s.height, padding.height, 1)
+        let ow = outputSize(w, kernel.width, s.width, padding.width, 1)
+        precondition(oh > 0 && ow > 0 && padding.height * 2 <= kernel.height && padding.width * 2 <= kernel.width,
+                     "maxPool2d: kernel \(kernel) with padding \(padding) does not fit input \(shape)")
+        let x = contiguousData()
+        let out = Tensor(uninitialized: [b, c, oh, ow], dtype: dtype)
+        var argmax = [Int](repeating: 0, count: out.count)
+        let win = PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
+        switch dtype {
+        case .float32: maxPoolForward(x, out, &argmax, win, b * c, Float.self)
+        case .float64: maxPoolForward(x, out, &argmax, win, b * c, Double.self)
+        }
+        let inShape = shape, dt = dtype, plane = h * w, oplane = oh * ow
+        Tape.record("maxPool2d", [self], out) { g in
+            let gx = Tensor.zeros(inShape, dtype: dt)
+            let gc = g.contiguousData()
+            switch dt {
+            case .float32: poolScatter(gc, gx, argmax, plane, oplane, Float.self)
+            case .float64: poolScatter(gc, gx, argmax, plane, oplane, Double.self)
+            }
+            return [gx]
+        }
+        return out
+    }
+
+    /// The mean over kernel×kernel windows; zero padding counts in the divisor
+    /// (PyTorch's `count_include_pad=True`).
+    public func avgPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
+        let (_, _, h, w) = checkImage("avgPool2d")
+        let s = stride ?? kernel
+        let oh = outputSize(h, kernel.height, s.height, padding.height, 1)
+        let ow = outputSize(w, kernel.width, s.width, padding.width, 1)
+        precondition(oh > 0 && ow > 0 && padding.height * 2 <= kernel.height && padding.width * 2 <= kernel.width,
+                     "avgPool2d: kernel \(kernel) with padding \(padding) does not fit input \(shape)")
+        let win = PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
+        let area = Double(kernel.height * kernel.width)
+        return windowMean("avgPool2d", rows: win.rows, cols: win.cols) { _, _ in area }
+    }
+
+    /// The mean over an output×output grid of bins: bin i of n spans
+    /// [⌊i·H/n⌋, ⌈(i+1)·H/n⌉) (PyTorch's `adaptive_avg_pool2d`).
+    public func adaptiveAvgPool2d(_ output: Size2) -> Tensor {
+        let (_, _, h, w) = checkImage("adaptiveAvgPool2d")
+        precondition(output.height > 0 && output.width > 0, "adaptiveAvgPool2d: output size \(output) is not positive")
+        func bins(_ n: Int, _ m: Int) -> [(Int, Int)] {
+            (0..<m).map { i in (i * n / m, ((i + 1) * n + m - 1) / m) }
+        }
+        let rows = bins(h, output.height), cols = bins(w, output.width)
+        return windowMean("adaptiveAvgPool2d", rows: rows, cols: cols) { r, c in
+            Double((rows[r].1 - rows[r].0) * (cols[c].1 - cols[c].0))
+        }
+    }
+
+    /// The sum over windows [rows[i]) × [cols[j]) divided by `divisor(i, j)`.
+    private func windowMean(_ name: String, rows: [(Int, Int)], cols: [(Int, Int)],
+                            divisor: (Int, Int) -> Double) -> Tensor {
+        let (b, c, _, _) = checkImage(name)
+        var inv = [Double]()
+        for i in 0..<rows.count { for j in 0..<cols.count { inv.append(1 / divisor(i, j)) } }
+        let x = contiguousData()
+        let out = Tensor(uninitialized: [b, c, rows.count, cols.count], dtype: dtype)
+        let planes = b * c
+        switch dtype {
+        case .float32: windowMeanKernel(x, out, rows, cols, inv, planes, backward: false, Float.self)
+        case .float64: windowMeanKernel(x, out, rows, cols, inv, planes, backward: false, Double.self)
+        }
+        let inShape = shape, dt = dtype
+        Tape.record(name, [self], out) { g in
+            let gx = Tensor.zeros(inShape, dtype: dt)
+            let gc = g.contiguousData()
+            switch dt {
+            case .float32: windowMeanKernel(gx, gc, rows, cols, inv, planes, backward: true, Float.self)
+            case .float64: windowMeanKernel(gx, gc, rows, cols, inv, planes, backward: true, Double.self)
+            }
+            return [gx]
+        }
+        return out
+    }
+
+    /// The image batch resized to height × width by interpolation (`align_corners=False`).
+    public func resized(height: Int, width: Int, mode: ResizeMode = .bilinear) -> Tensor {
+        let (b, c, h, w) = checkImage("resize")
+        precondition(height > 0 && width > 0, "resize: output size \(height)×\(width) is not positive")
+        let ty = resizeTaps(h, height, mode), tx = resizeTaps(w, width, mode)
+        let x = contiguousData()
+        let out = Tensor(uninitialized: [b, c, height, width], dtype: dtype)
+        switch dtype {
+        case .float32: resizeKernel(x, out, ty, tx, b * c, backward: false, Float.self)
+        case .float64: resizeKernel(x, out, ty, tx, b * c, backward: false, Double.self)
+        }
+        let inShape = shape, dt = dtype
+        Tape.record(mode == .bicubic ? "resize_bicubic" : "resize_bilinear", [self], out) { g in
+            let gx = Tensor.zeros(inShape, dtype: dt)
+            let gc = g.contiguousData()
+            switch dt {
+            case .float32: resizeKernel(gx, gc, ty, tx, b * c, backward: true, Float.self)
+            case .float64: resizeKernel(gx, gc, ty, tx, b * c, backward: true, Double.self)
+            }
+            return [gx]
+        }
+        return out
+    }
+}
+
+// MARK: Kernels
+
+struct ConvGeometry {
+    let c: Int, h: Int, w: Int, kh: Int, kw: Int
+    let sh: Int, sw: Int, ph: Int, pw: Int, dh: Int, dw: Int
+    let oh: Int, ow: Int
+    init(c: Int, h: Int, w: Int, kh: Int, kw: Int, stride: Size2, padding: Size2, dilation: Size2) {
+        (self.c, self.h, self.w, self.kh, self.kw) = (c, h, w, kh, kw)
+        (sh, sw, ph, pw, dh, dw) = (stride.height, stride.width, padding.height, padding.width, dilation.height, dilation.width)
+        oh = outputSize(h, kh, sh, ph, dh)
+        ow = outputSize(w, kw, sw, pw, dw)
+    }
+    var colRows: Int { c * kh * kw }
+    var colCols: Int { oh * ow }
+}
+
+/// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside).
+private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+    for ci in 0..<g.c {
+        for i in 0..<g.kh {
+            for j in 0..<g.kw {
+                let row = cols + ((ci * g.kh + i) * g.kw + j) * g.colCols
+                for y in 0..<g.oh {
+                    let iy = y * g.sh - g.ph + i * g.dh
+                    let dst = row + y * g.ow
+                    if iy < 0 || iy >= g.h {
+                        for x in 0..<g.ow { dst[x] = 0 }
+                        continue
+                    }
+                    let src = img + (ci * g.h + iy) * g.w
+                    for x in 0..<g.ow {
+                        let ix = x * g.sw - g.pw + j * g.dw
+                        dst[x] = ix >= 0 && ix < g.w ? src[ix] : 0
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of im2col: image[...] += cols[...] over the same correspondence.
+private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+    for ci in 0..<g.c {
+        for i in 0..<g.kh {
+            for j in 0..<g.kw {
+                let row = cols + ((ci * g.kh + i) * g.kw + j) * g.colCols
+                for y in 0..<g.oh {
+                    let iy = y * g.sh - g.ph + i * g.dh
+                    if iy < 0 || iy >= g.h { continue }
+                    let dst = img + (ci * g.h + iy) * g.w
+                    let src = row + y * g.ow
+                    for x in 0..<g.ow {
+                        let ix = x * g.sw - g.pw + j * g.dw
+                        if ix >= 0 && ix < g.w { dst[ix] += src[x] }
+                    }
+                }
+            }
+        }
+    }
+}
+
+private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
+    let b = x.shape[0], o = w.shape[0]
+    let cols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
+    let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), pc = cols.pointer(T.self)
+    for n in 0..<b {
+        im2col(px + n * g.c * g.h * g.w, pc, g)
+        gemm(false, false, o, g.colCols, g.colRows, pw, g.colRows, pc, g.colCols, po + n * o * g.colCols, g.colCols)
+    }
+}
+
+private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
+                                           _ g: ConvGeometry, _: T.Type) {
+    let b = x.shape[0], o = w.shape[0]
+    let cols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
+    let gcols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
+    let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
+    let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), pc = cols.pointer(T.self), pgc = gcols.pointer(T.self)
+    for n in 0..<b {
+        let gn = pg + n * o * g.colCols
+        im2col(px + n * g.c * g.h * g.w, pc, g)
+        // dW += G_n · colsᵀ ; dcols = Wᵀ · G_n
+        gemm(false, true, o, g.colRows, g.colCols, gn, g.colCols, pc, g.colCols, pgw, g.colRows, beta: 1)
+        gemm(true, false, g.colRows, g.colCols, o, pw, g.colRows, gn, g.colCols, pgc, g.colCols)
+        col2im(pgc, pgx + n * g.c * g.h * g.w, g)
+    }
+}
+
+/// Valid input rows/cols of each pooling window.
+struct PoolWindows {
+    let rows: [(Int, Int)], cols: [(Int, Int)]
+    init(h: Int, w: Int, oh: Int, ow: Int, kernel: Size2, stride: Size2, padding: Size2) {
+        rows = (0..<oh).map { y in
+            let s = y * stride.height - padding.height
+            return (Swift.max(s, 0), Swift.min(s + kernel.height, h))
+        }
+        cols = (0..<ow).map { x in
+            let s = x * stride.width - padding.width
+            return (Swift.max(s, 0), Swift.min(s + kernel.width, w))
+        }
+    }
+}
+
+private func maxPoolForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ argmax: inout [Int], _ win: PoolWindows,
+                                             _ planes: Int, _: T.Type) {
+    let (h, w) = (x.shape[2], x.shape[3])
+    let (oh, ow) = (win.rows.count, win.cols.count)
+    let px = x.pointer(T.self), po = out.pointer(T.self)
+    argmax.withUnsafeMutableBufferPointer { am in
+        for p in 0..<planes {
+            let src = px + p * h * w
+            for y in 0..<oh {
+                for xo in 0..<ow {
+                    var best = -T.infinity, at = win.rows[y].0 * w + win.cols[xo].0
+                    search: for iy in win.rows[y].0..<win.rows[y].1 {
+                        for ix in win.cols[xo].0..<win.cols[xo].1 {
+                            let v = src[iy * w + ix]
+                            if v.isNaN { best = v; at = iy * w + ix; break search }
+                            if v > best { best = v; at = iy * w + ix }
+                        }
+                    }
+                    let k = (p * oh + y) * ow + xo
+                    po[k] = best
+                    am[k] = at
+                }
+            }
+        }
+    }
+}
+
+private func poolScatter<T: TensorScalar>(_ g: Tensor, _ gx: Tensor, _ argmax: [Int], _ plane: Int, _ oplane: Int,
+                                          _: T.Type) {
+    let pg = g.pointer(T.self), px = gx.pointer(T.self)
+    for k in 0..<argmax.count { px[(k / oplane) * plane + argmax[k]] += pg[k] }
+}
+
+/// Forward: out[p, i, j] = inv[i, j]·Σ window. Backward (`img` is the input gradient and
+/// `grid` the output gradient): img[window] += inv[i, j]·grid[p, i, j].
+private func windowMeanKernel<T: TensorScalar>(_ img: Tensor, _ grid: Tensor, _ rows: [(Int, Int)], _ cols: [(Int, Int)],
+                                               _ inv: [Double], _ planes: Int, backward: Bool, _: T.Type) {
+    let (h, w) = (img.shape[2], img.shape[3])
+    let (oh, ow) = (rows.count, cols.count)
+    let pi = img.pointer(T.self), pg = grid.pointer(T.self)
+    for p in 0..<planes {
+        let src = pi + p * h * w
+        for y in 0..<oh {
+            for x in 0..<ow {
+                let k = (p * oh + y) * ow + x
+                let scale = T(inv[y * ow + x])
+                if backward {
+                    let v = pg[k] * scale
+                    for iy in rows[y].0..<rows[y].1 { for ix in cols[x].0..<cols[x].1 { src[iy * w + ix] += v } }
+                } else {
+                    var s: T = 0
+                    for iy in rows[y].0..<rows[y].1 { for ix in cols[x].0..<cols[x].1 { s += src[iy * w + ix] } }
+                    pg[k] = s * scale
+                }
+            }
+        }
+    }
+}
+
+/// Interpolation taps along one axis: for each output position, `count` input indices
+/// (clamped to the axis) and their weights.
+struct ResizeTaps {
+    let count: Int
+    let index: [Int]
+    let weight: [Double]
+}
+
+func resizeTaps(_ n: Int, _ m: Int, _ mode: ResizeMode) -> ResizeTaps {
+    let scale = Double(n) / Double(m)
+    var index: [Int] = [], weight: [Double] = []
+    func clampIndex(_ i: Int) -> Int { Swift.min(Swift.max(i, 0), n - 1) }
+    for o in 0..<m {
+        var src = (Double(o) + 0.5) * scale - 0.5
+        switch mode {
+        case .bilinear:
+            src = Swift.max(src, 0)
+            let i0 = Int(src.rounded(.down))
+            let t = src - Double(i0)
+            index += [clampIndex(i0), clampIndex(i0 + 1)]
+            weight += [1 - t, t]
+        case .bicubic:
+            let i0 = Int(src.rounded(.down))
+            let t = src - Double(i0)
+            let a = -0.75
+            func near(_ d: Double) -> Double { ((a + 2) * d - (a + 3)) * d * d + 1 }       // |d| ≤ 1
+            func far(_ d: Double) -> Double { ((a * d - 5 * a) * d + 8 * a) * d - 4 * a }  // 1 < |d| < 2
+            index += [clampIndex(i0 - 1), clampIndex(i0), clampIndex(i0 + 1), clampIndex(i0 + 2)]
+            weight += [far(t + 1), near(t), near(1 - t), far(2 - t)]
+        }
+    }
+    return ResizeTaps(count: mode == .bilinear ? 2 : 4, index: index, weight: weight)
+}
+
+/// Forward: out[p, y, x] = Σ wy·wx·img[p, iy, ix]. Backward (`img` is the input gradient,
+/// `out` the output gradient): img[p, iy, ix] += wy·wx·out[p, y, x].
+private func resizeKernel<T: TensorScalar>(_ img: Tensor, _ out: Tensor, _ ty: ResizeTaps, _ tx: ResizeTaps,
+                                           _ planes: Int, backward: Bool, _: T.Type) {
+    let (h, w) = (img.shape[2], img.shape[3])
+    let (oh, ow) = (out.shape[2], out.shape[3])
+    let pi = img.pointer(T.self), po = out.pointer(T.self)
+    for p in 0..<planes {
+        let src = pi + p * h * w, dst = po + p * oh * ow
+        for y in 0..<oh {
+            for x in 0..<ow {
+                var s: T = 0
+                let gout = dst[y * ow + x]
+                for a in 0..<ty.count {
+                    let iy = ty.index[y * ty.count + a], wy = ty.weight[y * ty.count + a]
+                    for b in 0..<tx.count {
+                        let ix = tx.index[x * tx.count + b]
+                        let wgt = T(wy * tx.weight[x * tx.count + b])
+                        if backward { src[iy * w + ix] += wgt * gout } else { s += wgt * src[iy * w + ix] }
+                    }
+                }
+                if !backward { dst[y * ow + x] = s }
+            }
+        }
+    }
+}

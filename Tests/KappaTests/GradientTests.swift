@@ -1,0 +1,274 @@
+import Kappa
+import Testing
+
+/// Every differentiable op against central finite differences in Float64, with broadcast
+/// operands and non-contiguous (transposed, sliced) inputs.
+@Suite("Gradients of every op (gradcheck, Float64)")
+struct GradientTests {
+    // MARK: Elementwise
+
+    struct Unary: CustomTestStringConvertible, Sendable {
+        let name: String
+        let domain: Domain
+        let f: @Sendable (Tensor) -> Tensor
+        var testDescription: String { name }
+        enum Domain { case real, positive, awayFromZero, belowOne }
+    }
+
+    static let unaries: [Unary] = [
+        .init(name: "neg", domain: .real) { -$0 },
+        .init(name: "sqrt", domain: .positive) { $0.sqrt() },
+        .init(name: "rsqrt", domain: .positive) { $0.rsqrt() },
+        .init(name: "exp", domain: .real) { $0.exp() },
+        .init(name: "log", domain: .positive) { $0.log() },
+        .init(name: "log1p", domain: .positive) { $0.log1p() },
+        .init(name: "expm1", domain: .real) { $0.expm1() },
+        .init(name: "abs", domain: .awayFromZero) { $0.abs() },
+        .init(name: "sin", domain: .real) { $0.sin() },
+        .init(name: "cos", domain: .real) { $0.cos() },
+        .init(name: "tanh", domain: .real) { $0.tanh() },
+        .init(name: "sigmoid", domain: .real) { $0.sigmoid() },
+        .init(name: "relu", domain: .awayFromZero) { $0.relu() },
+        .init(name: "gelu", domain: .real) { $0.gelu() },
+        .init(name: "gelu_tanh", domain: .real) { $0.gelu(approximate: true) },
+        .init(name: "softplus", domain: .real) { $0.softplus() },
+        .init(name: "softplus(beta 2)", domain: .real) { $0.softplus(beta: 2) },
+        .init(name: "clamp", domain: .awayFromZero) { $0.clamped(min: -0.05, max: 0.05) + $0.clamped(min: -1.1) },
+        .init(name: "pow 3", domain: .real) { $0.pow(3) },
+        .init(name: "pow -2", domain: .awayFromZero) { $0.pow(-2) },
+        .init(name: "pow 0.7", domain: .positive) { $0.pow(0.7) },
+        .init(name: "reciprocal", domain: .awayFromZero) { $0.reciprocal() },
+        .init(name: "scalar ops", domain: .awayFromZero) { 2 - ($0 + 1) * 3 / 4 + 5 / $0 - $0 * 0.5 },
+    ]
+
+    static func input(_ domain: Unary.Domain, _ shape: [Int], seed: UInt64) -> Tensor {
+        switch domain {
+        case .real: return randn(shape, seed: seed)
+        case .positive: return randu(shape, 0.5, 2, seed: seed)
+        case .awayFromZero: return awayFromZero(shape, seed: seed)
+        case .belowOne: return randu(shape, -0.9, 0.9, seed: seed)
+        }
+    }
+
+    @Test(arguments: unaries)
+    func unary(_ op: Unary) {
+        expectGradients([Self.input(op.domain, [3, 4], seed: 1)]) { op.f($0[0]) }
+        // Non-contiguous input: a transposed view.
+        expectGradients([Self.input(op.domain, [4, 3], seed: 2).transposed()]) { op.f($0[0]) }
+    }
+
+    struct Binary: CustomTestStringConvertible, Sendable {
+        let name: String
+        let f: @Sendable (Tensor, Tensor) -> Tensor
+        var testDescription: String { name }
+    }
+
+    static let binaries: [Binary] = [
+        .init(name: "add") { $0 + $1 },
+        .init(name: "sub") { $0 - $1 },
+        .init(name: "mul") { $0 * $1 },
+        .init(name: "div") { $0 / $1 },
+        .init(name: "pow") { $0.abs().pow($1) },
+        .init(name: "minimum") { Tensor.minimum($0, $1) },
+        .init(name: "maximum") { Tensor.maximum($0, $1) },
+    ]
+
+    @Test(arguments: binaries)
+    func binary(_ op: Binary) {
+        // Same shape, broadcast both ways, and a sliced (strided) operand.
+        expectGradients([awayFromZero([2, 3], seed: 3), awayFromZero([2, 3], seed: 4)]) { op.f($0[0], $0[1]) }
+        expectGradients([awayFromZero([2, 1, 3], seed: 5), awayFromZero([4, 1], seed: 6)]) { op.f($0[0], $0[1]) }
+        expectGradients([awayFromZero([3], seed: 7), awayFromZero([2, 3], seed: 8)]) { op.f($0[0], $0[1]) }
+        expectGradients([awayFromZero([4, 6], seed: 9).slice(alongAxis: 1, from: 1, by: 2), awayFromZero([1], seed: 10)]) {
+            op.f($0[0], $0[1])
+        }
+    }
+
+    @Test func minimumMaximumTiesSplitGradient() {
+        let a = Tensor([1.0, 2]).requiringGrad(), b = Tensor([1.0, 3]).requiringGrad()
+        Tensor.maximum(a, b).sum().backward()
+        #expect(a.grad!.doubles == [0.5, 0] && b.grad!.doubles == [0.5, 1])
+    }
+
+    @Test func whereAndMaskedFill() {
+        let cond = Tensor([1.0, 0, 1, 0, 0, 1], shape: [2, 3])
+        expectGradients([randn([2, 3], seed: 11), randn([3], seed: 12)]) { Tensor.where(cond, $0[0], $0[1]) }
+        expectGradients([randn([2, 3], seed: 13)]) { $0[0].maskedFill(cond, -5) * $0[0] }
+    }
+
+    // MARK: Reductions
+
+    @Test func reductions() {
+        let x = randn([3, 4, 5], seed: 20)
+        for axes in [[0], [1], [2], [0, 2], [1, 2], [0, 1, 2]] {
+            for keep in [false, true] {
+                expectGradients([x]) { $0[0].sum(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].mean(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].max(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].min(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].variance(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].standardDeviation(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].logSumExp(alongAxes: axes, keepingDims: keep) }
+                expectGradients([x]) { $0[0].norm(2, alongAxes: axes, keepingDims: keep) }
+            }
+        }
+        expectGradients([x]) { $0[0].norm(3, alongAxes: [1]) }
+        expectGradients([x]) { $0[0].norm(1.5) }
+        expectGradients([x.permuted([2, 0, 1])]) { $0[0].sum(alongAxes: [0]) * $0[0].max(alongAxis: 1, keepingDims: true) }
+        expectGradients([x]) { $0[0].variance(alongAxes: [1], correction: 0) }
+    }
+
+    @Test func normAtZeroHasZeroGradient() {
+        let x = Tensor.zeros([2, 3], dtype: .float64).requiringGrad()
+        x.norm(2, alongAxes: [1]).sum().backward()
+        #expect(x.grad!.doubles == [0, 0, 0, 0, 0, 0])
+    }
+
+    @Test func maxGradientGoesToFirstExtremum() {
+        let x = Tensor([1.0, 5, 5, 2]).requiringGrad()
+        x.max().backward()
+        #expect(x.grad!.doubles == [0, 1, 0, 0])
+    }
+
+    // MARK: Softmax family
+
+    @Test func softmaxFamily() {
+        let x = randn([3, 5], seed: 30)
+        for axis in [0, 1, -1] {
+            expectGradients([x]) { $0[0].softmax(alongAxis: axis) }
+            expectGradients([x]) { $0[0].logSoftmax(alongAxis: axis) }
+            expectGradients([x]) { $0[0].l2Normalized(alongAxis: axis) }
+        }
+        let x3 = randn([2, 3, 4], seed: 31)
+        expectGradients([x3]) { $0[0].softmax(alongAxis: 1) }
+        expectGradients([x3.transposed(0, 2)]) { $0[0].logSoftmax(alongAxis: 1) }
+        let targets = randn([3, 5], seed: 32).softmax(alongAxis: 1)
+        expectGradients([x, targets]) { Tensor.crossEntropy(logits: $0[0], targetProbabilities: $0[1]) }
+        expectGradients([x]) { Tensor.crossEntropy(logits: $0[0], labels: [4, 0, 2]) }
+    }
+
+    // MARK: Linear algebra
+
+    @Test func matmul() {
+        expectGradients([randn([3, 4], seed: 40), randn([4, 2], seed: 41)]) { $0[0].matmul($0[1]) }
+        // Transposed views go to BLAS with transpose flags.
+        expectGradients([randn([4, 3], seed: 42).transposed(), randn([2, 4], seed: 43).transposed()]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([4], seed: 44), randn([4], seed: 45)]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([4], seed: 46), randn([4, 3], seed: 47)]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([3, 4], seed: 48), randn([4], seed: 49)]) { $0[0].matmul($0[1]) }
+        // Batched, with broadcast batch dimensions and a shared right operand.
+        expectGradients([randn([2, 1, 3, 4], seed: 50), randn([3, 4, 2], seed: 51)]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([2, 3, 4], seed: 52), randn([4, 5], seed: 53)]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([3, 4], seed: 54), randn([2, 4, 5], seed: 55)]) { $0[0].matmul($0[1]) }
+        expectGradients([randn([2, 4, 3], seed: 56).transposed(), randn([2, 5, 4], seed: 57).transposed()]) {
+            $0[0].matmul($0[1])
+        }
+    }
+
+    // MARK: Shape ops
+
+    @Test func shapeOps() {
+        let x = randn([2, 3, 4], seed: 60)
+        expectGradients([x]) { $0[0].reshape([4, -1]) * Tensor.arange(0, 6, dtype: .float64) }
+        expectGradients([x]) { $0[0].permuted([2, 0, 1]).reshape([4, 6]).matmul(Tensor.arange(0, 6, dtype: .float64)) }
+        expectGradients([x]) { $0[0].transposed(0, 1).contiguous() * Tensor.arange(0, 4, dtype: .float64) }
+        expectGradients([x]) { $0[0].unsqueezed(axis: 1).squeezed(axis: 1).flattened() * 2 }
+        expectGradients([randn([3, 1], seed: 61)]) { $0[0].expanded(to: [2, 3, 4]) * x }
+        expectGradients([x]) { $0[0].slice(alongAxis: 2, from: 1, to: 4, by: 2).exp() }
+        expectGradients([x]) { $0[0][1, .all, .range(0..<3)] * $0[0][0, .all, .from(1)] }
+        expectGradients([x, randn([2, 1, 4], seed: 62)]) { Tensor.concat([$0[0], $0[1], $0[0]], alongAxis: 1).exp() }
+        expectGradients([x, randn([2, 3, 4], seed: 63)]) { Tensor.stack([$0[0], $0[1]], alongAxis: 2).sin() }
+        expectGradients([x]) { t in
+            let parts = t[0].split(sizes: [1, 2, 1], alongAxis: 2)
+            return parts[0] * parts[2] + parts[1].sum(alongAxis: 2, keepingDims: true)
+        }
+        expectGradients([x]) { $0[0].chunk(2, alongAxis: 1)[0].tanh() }
+        expectGradients([x]) { $0[0].padded([(0, 0), (1, 2), (2, 0)], value: 3).sin() }
+        expectGradients([x]) { $0[0].indexSelect(alongAxis: 1, indices: [2, 0, 2]).exp() }
+        let index = Tensor([0.0, 2, 1, 1, 3, 0], shape: [2, 3, 1])
+        expectGradients([x]) { $0[0].gather(alongAxis: 2, index: index).exp() }
+        expectGradients([x, randn([2, 3, 1], seed: 64)]) { $0[0].scatterAdd(alongAxis: 2, index: index, source: $0[1]).sin() }
+        expectGradients([randn([2, 3, 4, 6], seed: 65)]) { $0[0].unfoldPatches(size: 2).sin() }
+    }
+
+    @Test func dtypeConversionPassesGradientBack() {
+        // Finite differences through Float32 rounding are meaningless; check the VJP directly.
+        let x = randn([3], seed: 66).requiringGrad()
+        (x.to(.float32) * 2).sum().backward()
+        #expect(x.grad!.dtype == .float64 && x.grad!.doubles == [2, 2, 2])
+    }
+
+    // MARK: Images
+
+    @Test func convolution() {
+        expectGradients([randn([2, 2, 5, 6], seed: 70), randn([3, 2, 3, 2], seed: 71), randn([3], seed: 72)]) {
+            $0[0].conv2d(weight: $0[1], bias: $0[2], stride: Size2(2, 1), padding: Size2(1, 2), dilation: Size2(1, 2))
+        }
+        expectGradients([randn([1, 3, 4, 4], seed: 73), randn([2, 3, 2, 2], seed: 74)]) {
+            $0[0].conv2d(weight: $0[1], stride: 2)
+        }
+    }
+
+    @Test func pooling() {
+        let x = randn([2, 2, 5, 6], seed: 80)
+        expectGradients([x]) { $0[0].maxPool2d(kernel: 2) }
+        expectGradients([x]) { $0[0].maxPool2d(kernel: 3, stride: 1, padding: 1) }
+        expectGradients([x]) { $0[0].avgPool2d(kernel: 3, stride: 2, padding: 1) }
+        expectGradients([x]) { $0[0].adaptiveAvgPool2d(Size2(3, 4)) }
+        expectGradients([x.transposed(2, 3)]) { $0[0].adaptiveAvgPool2d(2) }
+    }
+
+    @Test func resizing() {
+        let x = randn([1, 2, 3, 4], seed: 90)
+        expectGradients([x]) { $0[0].resized(height: 5, width: 7, mode: .bilinear) }
+        expectGradients([x]) { $0[0].resized(height: 6, width: 3, mode: .bicubic) }
+        expectGradients([x]) { $0[0].resized(height: 2, width: 2, mode: .bicubic) }
+    }
+
+    @Test func dropout() {
+        var g = RandomGenerator(seed: 5)
+        let mask = Tensor.bernoulli([3, 4], probability: 0.7, dtype: .float64, using: &g)
+        _ = mask
+        expectGradients([randn([3, 4], seed: 91)]) { t in
+            var g = RandomGenerator(seed: 9)  // the same mask on every evaluation
+            return t[0].dropout(probability: 0.3, training: true, using: &g)
+        }
+    }
+
+    // MARK: Compositions
+
+    @Test func twoLayerMLPWithCrossEntropy() {
+        let x = randn([5, 4], seed: 100)
+        let w1 = randn([4, 6], seed: 101) * 0.5, b1 = randn([6], seed: 102)
+        let w2 = randn([6, 3], seed: 103) * 0.5, b2 = randn([3], seed: 104)
+        expectGradients([x, w1, b1, w2, b2]) { p in
+            let h = (p[0].matmul(p[1]) + p[2]).gelu()
+            let logits = h.matmul(p[3]) + p[4]
+            return Tensor.crossEntropy(logits: logits, labels: [0, 2, 1, 1, 0])
+        }
+        expectGradients([x, w1, b1, w2, b2], mode: .fast) { p in
+            let h = (p[0].matmul(p[1]) + p[2]).tanh()
+            return Tensor.crossEntropy(logits: h.matmul(p[3]) + p[4], labels: [0, 2, 1, 1, 0])
+        }
+    }
+
+    @Test func attentionLikeComposition() {
+        // softmax(Q Kᵀ/√d) V with a fused-qkv split: the ViT block's core.
+        let x = randn([2, 3, 4], seed: 110), wqkv = randn([4, 12], seed: 111) * 0.5
+        expectGradients([x, wqkv]) { p in
+            let qkv = p[0].matmul(p[1]).reshape([2, 3, 3, 4]).permuted([2, 0, 1, 3])
+            let (q, k, v) = (qkv[0], qkv[1], qkv[2])
+            let attn = (q.matmul(k.transposed()) / 2).softmax(alongAxis: -1)
+            return attn.matmul(v).layerNormLike()
+        }
+    }
+}
+
+extension Tensor {
+    /// (x − mean)/√(var + eps) over the last axis, composed of core ops.
+    func layerNormLike() -> Tensor {
+        let mu = mean(alongAxes: [-1], keepingDims: true)
+        let d = self - mu
+        return d / ((d * d).mean(alongAxes: [-1], keepingDims: true) + 1e-5).sqrt()
+    }
+}

@@ -1,0 +1,131 @@
+import Kappa
+import Testing
+
+@Suite("Tape, custom ops, anomaly mode and the checker itself")
+struct TapeTests {
+    @Test func gradientsAccumulateAcrossBackwardCalls() {
+        let x = Tensor([1.0, 2, 3]).requiringGrad()
+        (x * x).sum().backward()
+        #expect(x.grad!.doubles == [2, 4, 6])
+        (x * 3).sum().backward()
+        #expect(x.grad!.doubles == [5, 7, 9])
+        x.zeroGrad()
+        #expect(x.grad == nil)
+        // A tensor used twice in one graph gets both contributions.
+        let y = x * 2
+        (y * y + y).sum().backward()
+        #expect(x.grad!.doubles == [10, 18, 26])
+    }
+
+    @Test func backwardWithOutputGradient() {
+        let x = Tensor([1.0, 2]).requiringGrad()
+        (x.exp()).backward(Tensor([1.0, -1]))
+        #expect(x.grad!.doubles == [Foundation.exp(1.0), -Foundation.exp(2.0)])
+    }
+
+    @Test func noGradientScopesAndDetach() {
+        let w = Tensor([2.0]).requiringGrad()
+        let t = withoutGradients { w * 3 }
+        #expect(!t.requiresGrad && t.isLeaf)
+        let d = (w * 3).detached()
+        #expect(!d.requiresGrad)
+        let y = w * d + w
+        y.backward()
+        #expect(w.grad!.doubles == [7])  // d/dw (6 + w) with d held constant
+        let nested = withoutGradients { withGradients { w * 2 } }
+        #expect(nested.requiresGrad)
+    }
+
+    @Test func graphIsReleasedAfterBackward() {
+        weak var saved: Tensor?
+        let x = Tensor([1.0, 2, 3]).requiringGrad()
+        do {
+            let y = x.exp()        // saves its output
+            let z = y.sum()
+            saved = y
+            z.backward()
+        }
+        #expect(saved == nil, "intermediate tensors must be freed once the graph is gone")
+        // The buffer pool makes repeated steps reuse memory instead of growing.
+        let pool = BufferPool.shared
+        for _ in 0..<3 { (x.exp() * x).sum().backward() }
+        let cached = pool.bytesCached
+        for _ in 0..<50 { (x.exp() * x).sum().backward() }
+        #expect(pool.bytesCached <= cached + 4096)
+    }
+
+    @Test func retainGraphAllowsSecondBackward() {
+        let x = Tensor([1.0, 2]).requiringGrad()
+        let y = (x * x).sum()
+        y.backward(retainGraph: true)
+        y.backward()
+        #expect(x.grad!.doubles == [4, 8])
+    }
+
+    func cube(_ x: Tensor) -> Tensor {
+        Tensor.custom("cube", [x], forward: { $0[0] * $0[0] * $0[0] },
+                      vjp: { g, inputs, _ in [g * 3 * inputs[0] * inputs[0]] })
+    }
+
+    @Test func customOpIsDifferentiable() {
+        let report = gradcheck([randn([4], seed: 1)]) { cube($0[0]).sin() }
+        #expect(report.passed, "\(report)")
+        // Custom ops compose with library ops and use the output they saved.
+        let softsign = { (x: Tensor) -> Tensor in
+            Tensor.custom("softsign", [x], forward: { $0[0] / (1 + $0[0].abs()) },
+                          vjp: { g, inputs, _ in [g / ((1 + inputs[0].abs()) * (1 + inputs[0].abs()))] })
+        }
+        let r2 = gradcheck([awayFromZero([3, 2], seed: 2), randn([2], seed: 3)]) { softsign($0[0] * $0[1]).sum(alongAxis: 0) }
+        #expect(r2.passed, "\(r2)")
+    }
+
+    @Test func checkerCatchesAWrongVJP() {
+        // y = x₀·x₁ with the gradient of x₁ deliberately wrong (x₀ + 1 instead of x₀).
+        let wrong = { (a: Tensor, b: Tensor) -> Tensor in
+            Tensor.custom("wrong_mul", [a, b], forward: { $0[0] * $0[1] },
+                          vjp: { g, x, _ in [g * x[1], g * (x[0] + 1)] })
+        }
+        for mode in [GradcheckMode.full, .fast] {
+            let report = gradcheck([randn([3], seed: 4), randn([3], seed: 5)], mode: mode) { wrong($0[0], $0[1]) }
+            #expect(!report.passed)
+            #expect(report.failures.map(\.input) == [1], "only input 1 is wrong: \(report)")
+            #expect(report.description.contains("FAIL output 0, input 1"))
+        }
+    }
+
+    @Test func checkerCatchesANonzeroGradientForZeroInput() {
+        let leaky = { (a: Tensor) -> Tensor in
+            Tensor.custom("leaky", [a], forward: { $0[0] * 2 }, vjp: { g, x, _ in [g * 2 + 1e-3] })
+        }
+        let report = gradcheck([randn([2], seed: 6)]) { leaky($0[0]) }
+        #expect(!report.passed)
+        #expect(report.problems.contains { $0.contains("zero output gradient") })
+    }
+
+    @Test func gradcheckRestoresInputs() {
+        let x = randn([3, 2], seed: 7).transposed()
+        let before = x.doubles
+        _ = gradcheck([x]) { $0[0].exp() }
+        #expect(x.doubles == before)
+    }
+
+    @Test func anomalyModeNamesTheFirstBadOp() throws {
+        let x = Tensor([1.0, -1, 2]).requiringGrad()
+        let error = #expect(throws: AnomalyError.self) {
+            try withAnomalyDetection { (x.log() * 2).sum() }
+        }
+        #expect(error?.op == "log" && error?.phase == "forward" && error?.inputShapes == [[3]])
+        // A backward anomaly: sqrt at 0 has an infinite derivative.
+        let z = Tensor([0.0, 4]).requiringGrad()
+        let back = #expect(throws: AnomalyError.self) {
+            try withAnomalyDetection { z.sqrt().sum().backward() }
+        }
+        #expect(back?.op == "sqrt" && back?.phase == "backward")
+        #expect(back?.description.contains("backward of 'sqrt'") == true)
+        // Finite work passes through.
+        let fine = try withAnomalyDetection { (x * x).sum().item() }
+        #expect(fine == 6)
+    }
+}
+
+import Foundation

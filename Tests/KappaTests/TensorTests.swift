@@ -1,0 +1,241 @@
+import Foundation
+import Kappa
+import Testing
+
+@Suite("Tensor creation, views and printing")
+struct TensorTests {
+    @Test func creation() {
+        #expect(Tensor.zeros([2, 3]).doubles == [0, 0, 0, 0, 0, 0])
+        #expect(Tensor.ones([2], dtype: .float64).dtype == .float64)
+        #expect(Tensor.full([2], 7.5).doubles == [7.5, 7.5])
+        #expect(Tensor.arange(0, 5).doubles == [0, 1, 2, 3, 4])
+        #expect(Tensor.arange(1, 2, step: 0.25, dtype: .float64).doubles == [1, 1.25, 1.5, 1.75])
+        #expect(Tensor.arange(3, 0, step: -1).doubles == [3, 2, 1])
+        #expect(Tensor.linspace(0, 1, count: 5, dtype: .float64).doubles == [0, 0.25, 0.5, 0.75, 1])
+        #expect(Tensor.eye(3).doubles == [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        let t = Tensor(rows: [[1.0, 2], [3, 4]])
+        #expect(t.shape == [2, 2] && t.dtype == .float64)
+        #expect(Tensor([Float(1), 2]).dtype == .float32)
+        #expect(Tensor(scalar: 3).shape == [] && Tensor(scalar: 3).item() == 3)
+    }
+
+    @Test func seededRandomIsBitIdentical() {
+        var a = RandomGenerator(seed: 42), b = RandomGenerator(seed: 42)
+        let x = Tensor.randomNormal([1000], using: &a), y = Tensor.randomNormal([1000], using: &b)
+        #expect(x.scalars(as: Float.self) == y.scalars(as: Float.self))
+        var c = RandomGenerator(seed: 43)
+        #expect(Tensor.randomNormal([1000], using: &c).scalars(as: Float.self) != x.scalars(as: Float.self))
+        // The stream itself is fixed: the first draws of seed 42 never change.
+        var d = RandomGenerator(seed: 42)
+        let first = Tensor.randomUniform([3], dtype: .float64, using: &d).doubles
+        var e = RandomGenerator(seed: 42)
+        #expect(first == [e.nextUniform(), e.nextUniform(), e.nextUniform()])
+    }
+
+    @Test func randomDistributions() {
+        var g = RandomGenerator(seed: 7)
+        let n = Tensor.randomNormal([200_000], mean: 1, std: 2, dtype: .float64, using: &g)
+        #expect(Swift.abs(n.mean().item() - 1) < 0.02)
+        #expect(Swift.abs(n.standardDeviation().item() - 2) < 0.02)
+        let u = Tensor.randomUniform([100_000], low: -1, high: 3, dtype: .float64, using: &g)
+        #expect(u.min().item() >= -1 && u.max().item() < 3)
+        #expect(Swift.abs(u.mean().item() - 1) < 0.02)
+        let t = Tensor.truncatedNormal([100_000], std: 1, lower: -1, upper: 1.5, dtype: .float64, using: &g)
+        #expect(t.min().item() >= -1 && t.max().item() <= 1.5)
+        // Mean of N(0,1) truncated to [-1, 1.5]: (φ(-1) − φ(1.5))/(Φ(1.5) − Φ(-1)) ≈ 0.1462.
+        #expect(Swift.abs(t.mean().item() - 0.1462) < 0.01)
+    }
+
+    @Test func broadcasting() {
+        let a = Tensor([1.0, 2, 3], shape: [3, 1])
+        let b = Tensor([10.0, 20], shape: [2])
+        let c = a + b
+        #expect(c.shape == [3, 2])
+        #expect(c.doubles == [11, 21, 12, 22, 13, 23])
+        let d = Tensor([1.0, 2, 3, 4, 5, 6], shape: [2, 1, 3]) * Tensor([1.0, 10], shape: [2, 1])
+        #expect(d.shape == [2, 2, 3])
+        #expect(d.doubles == [1, 2, 3, 10, 20, 30, 4, 5, 6, 40, 50, 60])
+        #expect((Tensor([2.0, 4]) / 2).doubles == [1, 2])
+        #expect((1 - Tensor([2.0, 4])).doubles == [-1, -3])
+        #expect((8 / Tensor([2.0, 4])).doubles == [4, 2])
+    }
+
+    @Test func viewsShareStorage() {
+        let x = Tensor.arange(0, 24, dtype: .float64).reshape([2, 3, 4])
+        let t = x.transposed(0, 2)
+        #expect(t.shape == [4, 3, 2] && t.sharesStorage(with: x) && !t.isContiguous)
+        #expect(t[element: [3, 2, 1]] == x[element: [1, 2, 3]])
+        let s = x.slice(alongAxis: 2, from: 1, to: 4, by: 2)
+        #expect(s.sharesStorage(with: x))
+        #expect(s.doubles == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23])
+        #expect(x.reshape([6, 4]).sharesStorage(with: x))
+        #expect(x.unsqueezed(axis: 1).shape == [2, 1, 3, 4])
+        #expect(x.unsqueezed(axis: -1).shape == [2, 3, 4, 1])
+        #expect(x.unsqueezed(axis: 0).squeezed().shape == [2, 3, 4])
+        let e = Tensor([1.0, 2, 3]).expanded(to: [2, 3])
+        #expect(e.doubles == [1, 2, 3, 1, 2, 3] && e.strides == [0, 1])
+        // A non-contiguous reshape copies.
+        #expect(!t.reshape([24]).sharesStorage(with: x))
+        #expect(t.contiguous().isContiguous)
+        #expect(x[1, .all, .range(0..<4, step: 3)].doubles == [12, 15, 16, 19, 20, 23])
+        #expect(x[0..<1].shape == [1, 3, 4])
+        #expect(x[.newAxis].shape == [1, 2, 3, 4])
+        #expect(x[-1, -1, -1].item() == 23)
+        #expect(x.flattened(startAxis: 1).shape == [2, 12])
+    }
+
+    @Test func shapeOps() {
+        let a = Tensor([1.0, 2, 3, 4], shape: [2, 2]), b = Tensor([5.0, 6], shape: [1, 2])
+        #expect(Tensor.concat([a, b]).doubles == [1, 2, 3, 4, 5, 6])
+        #expect(Tensor.concat([a, a], alongAxis: 1).doubles == [1, 2, 1, 2, 3, 4, 3, 4])
+        #expect(Tensor.stack([a, a], alongAxis: 1).shape == [2, 2, 2])
+        let parts = Tensor.arange(0, 7, dtype: .float64).chunk(3)
+        #expect(parts.map(\.shape) == [[3], [3], [1]])
+        #expect(parts[2].doubles == [6])
+        #expect(a.padded([(1, 0), (0, 2)], value: -1).doubles == [-1, -1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1])
+        #expect(a.indexSelect(alongAxis: 0, indices: [1, 1, 0]).doubles == [3, 4, 3, 4, 1, 2])
+        let idx = Tensor([1.0, 0, 0, 0], shape: [2, 2])
+        #expect(a.gather(alongAxis: 1, index: idx).doubles == [2, 1, 3, 3])
+        #expect(Tensor.zeros([2, 2], dtype: .float64).scatterAdd(alongAxis: 1, index: idx, source: a).doubles == [2, 1, 7, 0])
+        #expect(Tensor.oneHot([2, 0], classes: 3).doubles == [0, 0, 1, 1, 0, 0])
+        #expect(a.maskedFill(a.gt(2), 0).doubles == [1, 2, 0, 0])
+    }
+
+    @Test func unfoldPatchesOrder() {
+        // One image, 2 channels, 4×4, patches of 2: patch 1 is the top-right block.
+        let x = Tensor.arange(0, 32, dtype: .float64).reshape([1, 2, 4, 4])
+        let p = x.unfoldPatches(size: 2)
+        #expect(p.shape == [1, 4, 8])
+        #expect(p[0, 1].doubles == [2, 3, 6, 7, 18, 19, 22, 23])
+    }
+
+    @Test func printing() {
+        let t = Tensor([1.0, 2.5, 3, 4], shape: [2, 2])
+        #expect(t.description == "Tensor(shape: [2, 2], dtype: float64)\n[[1., 2.5],\n [3., 4.]]")
+        let big = Tensor.arange(0, 100).reshape([10, 10])
+        let lines = big.description.split(separator: "\n")
+        #expect(lines[1] == "[[0., 1., 2., ..., 7., 8., 9.],")
+        #expect(big.description.contains("..."))
+        let r = Tensor([1.0]).requiringGrad()
+        #expect(r.description.hasPrefix("Tensor(shape: [1], dtype: float64, requiresGrad)"))
+        #expect((r * 2).description.contains("gradFn: mul"))
+    }
+
+    @Test func comparisonsAndArgExtrema() {
+        let x = Tensor([3.0, 1, 4, 1, 5, 9, 2, 6], shape: [2, 4])
+        #expect(x.argmax(alongAxis: 1).doubles == [2, 1])
+        #expect(x.argmin(alongAxis: 1).doubles == [1, 2])
+        #expect(x.argmax().item() == 5)
+        #expect(x.gt(2).doubles == [1, 0, 1, 0, 1, 1, 0, 1])
+        #expect(x.eq(1).sum().item() == 2)
+        #expect(x.sign().doubles.allSatisfy { $0 == 1 })
+        #expect(x.max(alongAxes: [0, 1]).item() == 9)
+        #expect(x.min(alongAxis: 0).doubles == [3, 1, 2, 1])
+    }
+
+    @Test func reductionsMatchClosedForms() {
+        let x = Tensor.arange(1, 7, dtype: .float64).reshape([2, 3])
+        #expect(x.sum().item() == 21)
+        #expect(x.sum(alongAxis: 0).doubles == [5, 7, 9])
+        #expect(x.sum(alongAxis: 1, keepingDims: true).shape == [2, 1])
+        #expect(x.mean(alongAxis: 1).doubles == [2, 5])
+        #expect(x.variance(alongAxes: [1]).doubles == [1, 1])
+        #expect(x.variance(alongAxes: [1], correction: 0).doubles.map { ($0 * 3).rounded() } == [2, 2])
+        expectClose(x.norm(2, alongAxes: [1]).doubles, [Double(14).squareRoot(), Double(77).squareRoot()])
+        expectClose(x.norm(1).doubles, [21])
+        let row1: Double = [1.0, 2, 3].map { Foundation.exp($0) }.reduce(0, +)
+        let row2: Double = [4.0, 5, 6].map { Foundation.exp($0) }.reduce(0, +)
+        expectClose(x.logSumExp(alongAxes: [1]).doubles, [Foundation.log(row1), Foundation.log(row2)])
+        // Sum of a large tensor over three axes, one of them non-adjacent.
+        let y = Tensor.ones([3, 4, 5, 6], dtype: .float64)
+        #expect(y.sum(alongAxes: [0, 2]).doubles == [Double](repeating: 15, count: 24))
+        let big = Tensor.ones([1 << 18])
+        #expect(big.sum().item() == Double(1 << 18))
+    }
+
+    @Test func stableSoftmax() {
+        let x = Tensor([1000.0, 1001, 1002, -1000, 0, 1000], shape: [2, 3], dtype: .float32)
+        let p = x.softmax(alongAxis: 1).doubles
+        #expect(p.allSatisfy { $0.isFinite })
+        expectClose(Array(p[0..<3]), [0.09003057, 0.24472847, 0.66524096], tol: 1e-6)
+        let lp = x.logSoftmax(alongAxis: 1).doubles
+        #expect(lp.allSatisfy { $0.isFinite })
+        expectClose([lp[3], lp[4], lp[5]], [-2000, -1000, 0], tol: 1e-3)
+        // Along a non-last axis.
+        let y = Tensor([0.0, 0, Foundation.log(3.0), 0], shape: [2, 2]).softmax(alongAxis: 0)
+        expectClose(y.doubles, [0.25, 0.5, 0.75, 0.5])
+        let n = Tensor([3.0, 4]).l2Normalized()
+        expectClose(n.doubles, [0.6, 0.8])
+    }
+
+    @Test func matmulValues() {
+        let a = Tensor([1.0, 2, 3, 4, 5, 6], shape: [2, 3])
+        let b = Tensor([7.0, 8, 9, 10, 11, 12], shape: [3, 2])
+        #expect(a.matmul(b).doubles == [58, 64, 139, 154])
+        #expect(a.transposed().matmul(a).doubles == [17, 22, 27, 22, 29, 36, 27, 36, 45])
+        #expect(Tensor([1.0, 2, 3]).matmul(Tensor([4.0, 5, 6])).item() == 32)
+        #expect(a.matmul(Tensor([1.0, 1, 1])).doubles == [6, 15])
+        #expect(Tensor([1.0, 1]).matmul(a).doubles == [5, 7, 9])
+        // Batched with broadcasting: [2, 1, 2, 3] × [4, 3, 2] → [2, 4, 2, 2].
+        let x = randn([2, 1, 2, 3], seed: 1), y = randn([4, 3, 2], seed: 2)
+        let z = x.matmul(y)
+        #expect(z.shape == [2, 4, 2, 2])
+        let ref = x[1, 0].matmul(y[3])
+        expectClose(z[1, 3].doubles, ref.doubles, tol: 1e-12)
+        // Float32 through sgemm.
+        #expect(a.to(.float32).matmul(b.to(.float32)).scalars(as: Float.self) == [58, 64, 139, 154])
+    }
+
+    @Test func convolutionMatchesDirectSum() {
+        let x = randn([2, 3, 7, 6], seed: 3), w = randn([4, 3, 3, 2], seed: 4), bias = randn([4], seed: 5)
+        let y = x.conv2d(weight: w, bias: bias, stride: Size2(2, 1), padding: Size2(1, 2), dilation: Size2(1, 2))
+        let (oh, ow) = ((7 + 2 - 2 - 1) / 2 + 1, (6 + 4 - 2 - 1) / 1 + 1)
+        #expect(y.shape == [2, 4, oh, ow])
+        var worst = 0.0
+        for n in 0..<2 { for o in 0..<4 { for i in 0..<oh { for j in 0..<ow {
+            var s = bias[element: [o]]
+            for c in 0..<3 { for ki in 0..<3 { for kj in 0..<2 {
+                let iy = i * 2 - 1 + ki, ix = j - 2 + kj * 2
+                if iy >= 0 && iy < 7 && ix >= 0 && ix < 6 { s += w[element: [o, c, ki, kj]] * x[element: [n, c, iy, ix]] }
+            } } }
+            worst = Swift.max(worst, Swift.abs(s - y[element: [n, o, i, j]]))
+        } } } }
+        #expect(worst < 1e-12)
+    }
+
+    @Test func poolingAndResizeValues() {
+        let x = Tensor.arange(0, 16, dtype: .float64).reshape([1, 1, 4, 4])
+        #expect(x.maxPool2d(kernel: 2).doubles == [5, 7, 13, 15])
+        #expect(x.avgPool2d(kernel: 2).doubles == [2.5, 4.5, 10.5, 12.5])
+        #expect(x.avgPool2d(kernel: 3, stride: 2, padding: 1).doubles[0] == 10.0 / 9)
+        #expect(x.adaptiveAvgPool2d(1).doubles == [7.5])
+        // 5 → 3 bins: [0,2), [1,4), [3,5)
+        let r = Tensor.arange(0, 5, dtype: .float64).reshape([1, 1, 1, 5]).adaptiveAvgPool2d(Size2(1, 3))
+        #expect(r.doubles == [0.5, 2, 3.5])
+        // Resizing a linear ramp keeps it linear away from the borders, and a constant stays constant.
+        let c = Tensor.full([1, 2, 3, 3], 2.5, dtype: .float64)
+        expectClose(c.resized(height: 7, width: 5, mode: .bicubic).doubles, [Double](repeating: 2.5, count: 70), tol: 1e-12)
+        let ramp = Tensor.arange(0, 4, dtype: .float64).reshape([1, 1, 1, 4])
+        // PyTorch: F.interpolate(torch.arange(4.).view(1,1,1,4), size=(1,8), mode='bilinear')
+        expectClose(ramp.resized(height: 1, width: 8).doubles, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])
+        // PyTorch: F.interpolate(torch.arange(4.).view(1,1,1,4), size=(1,8), mode='bicubic')
+        expectClose(ramp.resized(height: 1, width: 8, mode: .bicubic).doubles,
+                    [-0.0703125, 0.2265625, 0.7265625, 1.25, 1.75, 2.2734375, 2.7734375, 3.0703125], tol: 1e-7)
+    }
+
+    @Test func dropout() {
+        var g = RandomGenerator(seed: 1)
+        let x = Tensor.ones([10000], dtype: .float64)
+        let y = x.dropout(probability: 0.25, training: true, using: &g)
+        let kept = y.gt(0).sum().item()
+        #expect(Swift.abs(kept / 10000 - 0.75) < 0.02)
+        #expect(y.doubles.allSatisfy { $0 == 0 || Swift.abs($0 - 1 / 0.75) < 1e-12 })
+        #expect(x.dropout(probability: 0.5, training: false, using: &g) === x)
+    }
+
+    @Test func bufferPoolReuses() {
+        let before = BufferPool.shared.hits
+        for _ in 0..<10 { _ = Tensor.zeros([12345]) + 1 }
+        #expect(BufferPool.shared.hits - before >= 10)
+    }
+}
