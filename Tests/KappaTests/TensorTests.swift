@@ -218,9 +218,20 @@ struct TensorTests {
         let ramp = Tensor.arange(0, 4, dtype: .float64).reshape([1, 1, 1, 4])
         // PyTorch: F.interpolate(torch.arange(4.).view(1,1,1,4), size=(1,8), mode='bilinear')
         expectClose(ramp.resized(height: 1, width: 8).doubles, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])
-        // PyTorch: F.interpolate(torch.arange(4.).view(1,1,1,4), size=(1,8), mode='bicubic')
+        // Reference values printed by PyTorch 2.15 (float64):
+        // F.interpolate(torch.arange(4.).view(1,1,1,4), size=(1,8), mode='bicubic')
         expectClose(ramp.resized(height: 1, width: 8, mode: .bicubic).doubles,
-                    [-0.0703125, 0.2265625, 0.7265625, 1.25, 1.75, 2.2734375, 2.7734375, 3.0703125], tol: 1e-7)
+                    [-0.10546875, 0.19140625, 0.66796875, 1.296875, 1.703125, 2.33203125, 2.80859375, 3.10546875], tol: 1e-12)
+        // F.interpolate(torch.arange(12.).view(1,1,3,4), size=(5,3), mode='bicubic')
+        let grid = Tensor.arange(0, 12, dtype: .float64).reshape([1, 1, 3, 4])
+        expectClose(grid.resized(height: 5, width: 3, mode: .bicubic).doubles,
+                    [-0.2578425925925923, 1.1159999999999988, 2.489842592592591, 1.390157407407404, 2.763999999999994,
+                     4.137842592592586, 4.126157407407409, 5.5, 6.873842592592593, 6.862157407407405, 8.235999999999995,
+                     9.609842592592587, 8.510157407407412, 9.884000000000002, 11.257842592592594], tol: 1e-12)
+        // F.interpolate(torch.arange(12.).view(1,1,3,4), size=(2,7), mode='bilinear')
+        expectClose(grid.resized(height: 2, width: 7).doubles,
+                    [1.0, 1.357142857142857, 1.9285714285714286, 2.5, 3.071428571428571, 3.642857142857143, 4.0,
+                     7.0, 7.357142857142858, 7.928571428571429, 8.5, 9.071428571428571, 9.642857142857144, 10.0], tol: 1e-12)
     }
 
     @Test func dropout() {

@@ -1,0 +1,73 @@
+import Foundation
+import Kappa
+import Testing
+
+/// The README's tour, verbatim (the blocks between the BEGIN/END markers below), run as a
+/// test; a second test checks that every Swift block of README.md appears here unchanged.
+@Suite("README")
+struct ReadmeTests {
+    @Test func tourRuns() throws {
+        // BEGIN README
+        var rng = RandomGenerator(seed: 0)
+        let x = Tensor.randomNormal([8, 4], using: &rng)
+        let w = Tensor.truncatedNormal([4, 3], std: 0.02, using: &rng).requiringGrad()
+        let b = Tensor.zeros([3]).requiringGrad()
+
+        let logits = x.matmul(w) + b    // [8, 3]; b broadcasts over the rows
+        let loss = Tensor.crossEntropy(logits: logits, labels: [0, 1, 2, 0, 1, 2, 0, 1])
+        loss.backward()
+        print(w.grad!.shape)            // [4, 3]
+
+        // A teacher network or an evaluation runs without recording.
+        let probabilities = withoutGradients { x.matmul(w).softmax(alongAxis: 1) }
+
+        let images = Tensor.randomNormal([2, 3, 32, 32], using: &rng)
+        let patches = images.unfoldPatches(size: 4)         // [2, 64, 48], for a ViT patch embedding
+        let firstRow = images[0, .all, .range(0..<4)]       // [3, 4, 32], a view
+        let gram = patches.matmul(patches.transposed())     // [2, 64, 64]
+        print(firstRow.sharesStorage(with: images), gram.shape)   // true [2, 64, 64]
+
+        func cube(_ x: Tensor) -> Tensor {
+            Tensor.custom("cube", [x], forward: { $0[0] * $0[0] * $0[0] },
+                          vjp: { g, inputs, _ in [g * 3 * inputs[0] * inputs[0]] })
+        }
+        let report = gradcheck([Tensor.randomNormal([5], dtype: .float64, using: &rng)]) { cube($0[0]) }
+        print(report)   // gradcheck passed (full Jacobian) ... max abs error ... at input [i], output [j]
+
+        do {
+            _ = try withAnomalyDetection { (x.log() * 2).sum() }
+        } catch {
+            print(error)   // anomaly: forward of 'log' (inputs [8, 4]) produced NaN or infinity ...
+        }
+        // END README
+
+        // What the comments in the README claim.
+        #expect(w.grad!.shape == [4, 3] && b.grad!.shape == [3])
+        #expect(!probabilities.requiresGrad && probabilities.shape == [8, 3])
+        #expect(patches.shape == [2, 64, 48] && firstRow.shape == [3, 4, 32] && gram.shape == [2, 64, 64])
+        #expect(firstRow.sharesStorage(with: images))
+        #expect(report.passed)
+        #expect(throws: AnomalyError.self) { try withAnomalyDetection { (x.log() * 2).sum() } }
+        // Cross-entropy of near-uniform logits over 3 classes is close to log 3.
+        #expect(Swift.abs(loss.item() - Foundation.log(3.0)) < 0.05)
+    }
+
+    @Test func readmeBlocksAreTheTestedCode() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let source = try String(contentsOf: URL(fileURLWithPath: #filePath), encoding: .utf8)
+        func normalized(_ text: Substring) -> [String] {
+            text.split(separator: "\n", omittingEmptySubsequences: false)
+                .map { $0.trimmingCharacters(in: .whitespaces) }
+                .filter { !$0.isEmpty && !$0.hasPrefix("import ") }
+        }
+        let begin = source.range(of: "// BEGIN " + "README")!, end = source.range(of: "// END " + "README")!
+        let tested = normalized(source[begin.upperBound..<end.lowerBound]).joined(separator: "\n")
+        let blocks = readme.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
+        #expect(blocks.count == 4)
+        for block in blocks {
+            let code = normalized(Substring(block)).joined(separator: "\n")
+            #expect(tested.contains(code), "README block not found verbatim in ReadmeTests.swift:\n\(code)")
+        }
+    }
+}
