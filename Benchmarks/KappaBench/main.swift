@@ -23,7 +23,11 @@ func time(reps: Int, _ body: () -> Void) -> Double {
 }
 
 var rng = RandomGenerator(seed: 1)
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores)\n")
+let sections = Set(CommandLine.arguments.dropFirst())
+func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf\n")
+
+if wants("matmul") {
 
 print("matmul, Float32: framework (with tape) vs bare cblas_sgemm")
 for n in [64, 256, 1024] {
@@ -49,6 +53,9 @@ do {
     print(String(format: "  batched 192 × (65×64 · 64×65), Kᵀ as a view: %.1f µs (%.1f GFLOP/s)", t * 1e6, flop / t * 1e-9))
 }
 
+}
+
+if wants("elementwise") {
 print("\nelementwise and softmax, Float32 (GB/s counts bytes read + written)")
 for n in [1 << 20, 1 << 24] {
     let x = Tensor.randomNormal([n], using: &rng), y = Tensor.randomNormal([n], using: &rng)
@@ -64,6 +71,9 @@ for n in [1 << 20, 1 << 24] {
                  2 * bytes / soft * 1e-9))
 }
 
+}
+
+if wants("overhead") {
 print("\nper-op overhead: chain of 1,000 elementwise ops on 16 elements, tape recording")
 do {
     let x = Tensor.randomNormal([16], using: &rng).requiringGrad()
@@ -78,4 +88,33 @@ do {
         y.sum().backward()
     }
     print(String(format: "  forward %.2f µs/op, forward + backward %.2f µs/op", t * 1e3, tb * 1e3))
+}
+}
+
+if wants("vmf") {
+    print("\nvMF normalizer log C_p(κ): the large-order approximation against the exact form, κ ∈ [1, 1e4]")
+    print("(2,001 log-spaced κ; value error after removing the best constant; derivative error absolute)")
+    print("|    p | max value error | max derivative error |")
+    print("|-----:|----------------:|---------------------:|")
+    for p in [16, 64, 256, 1024] {
+        let kappas = (0...2000).map { Foundation.pow(10, 4 * Double($0) / 2000) }
+        let d = kappas.map { vmfLogNormalizer(dimension: p, kappa: $0) - vmfLogNormalizer(dimension: p, kappa: $0, approximation: .exact) }
+        let dd = kappas.map {
+            Swift.abs(vmfLogNormalizerDerivative(dimension: p, kappa: $0) - vmfLogNormalizerDerivative(dimension: p, kappa: $0, approximation: .exact))
+        }
+        print(String(format: "| %4d | %15.3e | %20.3e |", p, (d.max()! - d.min()!) / 2, dd.max()!))
+    }
+    print("\nvMF normalizer speed: K = 65,536 values of κ (log-uniform in [1e-2, 1e4]), p = 256, Float32 tensor op")
+    let kappa = Tensor.randomUniform([65536], low: -2, high: 4, dtype: .float64, using: &rng)
+        .mapValues { Foundation.pow(10, $0) }.to(.float32).requiringGrad()
+    for (name, mode) in [("approximate", VMFNormalizerApproximation.largeOrder), ("exact", .exact)] {
+        let forward = time(reps: 50) { _ = kappa.vmfLogNormalizer(dimension: 256, approximation: mode) }
+        let both = time(reps: 50) { kappa.vmfLogNormalizer(dimension: 256, approximation: mode).sum().backward() }
+        print(String(format: "  %@: forward %.3f ms (%.1f ns/value), forward + backward %.3f ms",
+                     name, forward * 1e3, forward / 65536 * 1e9, both * 1e3))
+    }
+}
+
+extension Tensor {
+    func mapValues(_ f: (Double) -> Double) -> Tensor { Tensor(scalars(as: Double.self).map(f), shape: shape, dtype: dtype) }
 }
