@@ -39,6 +39,10 @@ struct ReadmeTests {
         } catch {
             print(error)   // anomaly: forward of 'log' (inputs [8, 4]) produced NaN or infinity ...
         }
+
+        let kappa = Tensor([10.0, 100, 1000]).requiringGrad()   // ‖w_k‖/τ, Float64
+        let logC = kappa.vmfLogNormalizer(dimension: 256, approximation: .exact)
+        logC.sum().backward()                                  // kappa.grad = −A_127(κ)
         // END README
 
         // What the comments in the README claim.
@@ -48,6 +52,7 @@ struct ReadmeTests {
         #expect(firstRow.sharesStorage(with: images))
         #expect(report.passed)
         #expect(throws: AnomalyError.self) { try withAnomalyDetection { (x.log() * 2).sum() } }
+        #expect(kappa.grad!.doubles == [10.0, 100, 1000].map { -besselRatio(order: 127, $0) })
         // Cross-entropy of near-uniform logits over 3 classes is close to log 3.
         #expect(Swift.abs(loss.item() - Foundation.log(3.0)) < 0.05)
     }
@@ -64,7 +69,7 @@ struct ReadmeTests {
         let begin = source.range(of: "// BEGIN " + "README")!, end = source.range(of: "// END " + "README")!
         let tested = normalized(source[begin.upperBound..<end.lowerBound]).joined(separator: "\n")
         let blocks = readme.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
-        #expect(blocks.count == 4)
+        #expect(blocks.count == 5)
         for block in blocks {
             let code = normalized(Substring(block)).joined(separator: "\n")
             #expect(tested.contains(code), "README block not found verbatim in ReadmeTests.swift:\n\(code)")
