@@ -70,15 +70,11 @@ extension Tensor {
     /// to the first maximum of each window and accumulates where windows overlap.
     public func maxPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
         let (b, c, h, w) = checkImage("maxPool2d")
-        let s = stride ?? kernel
-        let oh = outputSize(h, kernel.height, s.height, padding.height, 1)
-        let ow = outputSize(w, kernel.width, s.width, padding.width, 1)
-        precondition(oh > 0 && ow > 0 && padding.height * 2 <= kernel.height && padding.width * 2 <= kernel.width,
-                     "maxPool2d: kernel \(kernel) with padding \(padding) does not fit input \(shape)")
+        let win = poolWindows("maxPool2d", kernel, stride, padding)
+        let (oh, ow) = (win.rows.count, win.cols.count)
         let x = contiguousData()
         let out = Tensor(uninitialized: [b, c, oh, ow], dtype: dtype)
         var argmax = [Int](repeating: 0, count: out.count)
-        let win = PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
         switch dtype {
         case .float32: maxPoolForward(x, out, &argmax, win, b * c, Float.self)
         case .float64: maxPoolForward(x, out, &argmax, win, b * c, Double.self)
@@ -99,15 +95,20 @@ extension Tensor {
     /// The mean over kernel×kernel windows; zero padding counts in the divisor
     /// (PyTorch's `count_include_pad=True`).
     public func avgPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
-        let (_, _, h, w) = checkImage("avgPool2d")
+        let win = poolWindows("avgPool2d", kernel, stride, padding)
+        let area = Double(kernel.height * kernel.width)
+        return windowMean("avgPool2d", rows: win.rows, cols: win.cols) { _, _ in area }
+    }
+
+    /// The windows of a pooling op (stride defaults to the kernel), checked against the input.
+    private func poolWindows(_ op: String, _ kernel: Size2, _ stride: Size2?, _ padding: Size2) -> PoolWindows {
+        let (_, _, h, w) = checkImage(op)
         let s = stride ?? kernel
         let oh = outputSize(h, kernel.height, s.height, padding.height, 1)
         let ow = outputSize(w, kernel.width, s.width, padding.width, 1)
         precondition(oh > 0 && ow > 0 && padding.height * 2 <= kernel.height && padding.width * 2 <= kernel.width,
-                     "avgPool2d: kernel \(kernel) with padding \(padding) does not fit input \(shape)")
-        let win = PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
-        let area = Double(kernel.height * kernel.width)
-        return windowMean("avgPool2d", rows: win.rows, cols: win.cols) { _, _ in area }
+                     "\(op): kernel \(kernel.height)×\(kernel.width) with padding \(padding.height)×\(padding.width) does not fit input \(shape)")
+        return PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
     }
 
     /// The mean over an output×output grid of bins: bin i of n spans
