@@ -64,11 +64,12 @@ for n in [1 << 20, 1 << 24] {
     let add = time(reps: reps) { _ = x + y }
     let mul = time(reps: reps) { _ = x * y }
     let gelu = time(reps: reps) { _ = x.gelu() }
+    let exp = time(reps: reps) { _ = x.exp() }
     let rows = x.reshape([n / 1024, 1024])
     let soft = time(reps: reps) { _ = rows.softmax(alongAxis: 1) }
-    print(String(format: "  %8d: add %6.1f GB/s, mul %6.1f GB/s, gelu %6.1f GB/s (%.2f ns/elem), softmax rows of 1024 %6.1f GB/s",
-                 n, 3 * bytes / add * 1e-9, 3 * bytes / mul * 1e-9, 2 * bytes / gelu * 1e-9, gelu / Double(n) * 1e9,
-                 2 * bytes / soft * 1e-9))
+    print(String(format: "  %8d: add %6.1f GB/s, mul %6.1f GB/s, exp %6.1f GB/s, gelu %6.1f GB/s (%.2f ns/elem), softmax rows of 1024 %6.1f GB/s",
+                 n, 3 * bytes / add * 1e-9, 3 * bytes / mul * 1e-9, 2 * bytes / exp * 1e-9, 2 * bytes / gelu * 1e-9,
+                 gelu / Double(n) * 1e9, 2 * bytes / soft * 1e-9))
 }
 
 }

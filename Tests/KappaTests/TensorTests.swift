@@ -250,3 +250,23 @@ struct TensorTests {
         #expect(BufferPool.shared.hits - before >= 10)
     }
 }
+
+@Suite("Float32 kernels against libm")
+struct FastMathTests {
+    @Test func float32ExpWithinTwoUlp() {
+        var xs: [Float] = stride(from: Float(-87.25), through: 88.6, by: 0.0137).map { $0 }
+        xs += [0, -0.0, 1e-30, -1e-30, 1, -1, 0.5, 88.7, -87.3]
+        let y = Tensor(xs).exp().scalars(as: Float.self)
+        var worst: Float = 0
+        for (x, v) in zip(xs, y) {
+            let ref = Foundation.exp(x)
+            worst = Swift.max(worst, Swift.abs(v - ref) / ref.ulp)
+        }
+        #expect(worst <= 2, "worst error \(worst) ulp")
+        let special = Tensor([Float.nan, .infinity, -.infinity, 100, -100, 89]).exp().scalars(as: Float.self)
+        #expect(special[0].isNaN)
+        #expect(special[1] == .infinity && special[2] == 0 && special[3] == .infinity && special[4] == 0 && special[5] == .infinity)
+        // Softmax keeps NaN visible instead of hiding it.
+        #expect(Tensor([Float(1), .nan, 2]).softmax().scalars(as: Float.self).allSatisfy { $0.isNaN })
+    }
+}

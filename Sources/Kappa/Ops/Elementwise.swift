@@ -53,7 +53,7 @@ enum ReciprocalSquareRoot: UnaryFunction {
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { -y * y * y / 2 }
 }
 enum Exp: UnaryFunction {
-    static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { T.exp(x) }
+    static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { kernelExp(x) }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { y }
 }
 enum Log: UnaryFunction {

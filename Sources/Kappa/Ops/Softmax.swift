@@ -76,21 +76,31 @@ private func softmaxForward<T: TensorScalar>(_ L: ReductionLayout, _ out: Tensor
         for item in range {
             let o = item / inner, i = item % inner
             let x = px + o * r * inner + i, y = py + o * r * inner + i
-            var m = -T.infinity
-            for j in 0..<r where x[j * inner] > m || x[j * inner].isNaN { m = x[j * inner]; if m.isNaN { break } }
+            // A NaN is skipped by the maximum but still propagates: exp(NaN − m) poisons the sum.
+            var m = inner == 1 ? rowMax(x, r) : -T.infinity
+            if inner > 1 { for j in 0..<r { let v = x[j * inner]; m = v > m ? v : m } }
             if m == -.infinity { m = 0 }  // all −∞: exp gives 0s, and log 0 = −∞ below
             var s: T = 0
             if inner == 1 {
-                for j in 0..<r { let e = T.exp(x[j] - m); y[j] = e; s += e }
+                for j in 0..<r { y[j] = kernelExp(x[j] - m) }
+                s = rowSum(y, r)
             } else {
-                for j in 0..<r { let e = T.exp(x[j * inner] - m); y[j * inner] = e; s += e }
+                for j in 0..<r { let e = kernelExp(x[j * inner] - m); y[j * inner] = e; s += e }
             }
             if log {
                 let ls = m + T.log(s)
-                for j in 0..<r { y[j * inner] = x[j * inner] - ls }
+                if inner == 1 {
+                    for j in 0..<r { y[j] = x[j] - ls }
+                } else {
+                    for j in 0..<r { y[j * inner] = x[j * inner] - ls }
+                }
             } else {
                 let inv = 1 / s
-                for j in 0..<r { y[j * inner] *= inv }
+                if inner == 1 {
+                    for j in 0..<r { y[j] *= inv }
+                } else {
+                    for j in 0..<r { y[j * inner] *= inv }
+                }
             }
         }
     }
@@ -108,11 +118,27 @@ private func softmaxBackward<T: TensorScalar>(_ L: ReductionLayout, _ g: Tensor,
             var s: T = 0
             if log {
                 for j in 0..<r { s += gg[j * inner] }
-                for j in 0..<r { dx[j * inner] = gg[j * inner] - T.exp(yy[j * inner]) * s }
+                for j in 0..<r { dx[j * inner] = gg[j * inner] - kernelExp(yy[j * inner]) * s }
             } else {
                 for j in 0..<r { s += gg[j * inner] * yy[j * inner] }
                 for j in 0..<r { dx[j * inner] = yy[j * inner] * (gg[j * inner] - s) }
             }
         }
     }
+}
+
+/// max p[0..<n] with eight independent lanes (ignores NaN; callers propagate it otherwise).
+@inline(__always)
+func rowMax<T: TensorScalar>(_ p: UnsafeMutablePointer<T>, _ n: Int) -> T {
+    var a = (-T.infinity, -T.infinity, -T.infinity, -T.infinity, -T.infinity, -T.infinity, -T.infinity, -T.infinity)
+    var j = 0
+    while j + 8 <= n {
+        a.0 = p[j] > a.0 ? p[j] : a.0; a.1 = p[j + 1] > a.1 ? p[j + 1] : a.1
+        a.2 = p[j + 2] > a.2 ? p[j + 2] : a.2; a.3 = p[j + 3] > a.3 ? p[j + 3] : a.3
+        a.4 = p[j + 4] > a.4 ? p[j + 4] : a.4; a.5 = p[j + 5] > a.5 ? p[j + 5] : a.5
+        a.6 = p[j + 6] > a.6 ? p[j + 6] : a.6; a.7 = p[j + 7] > a.7 ? p[j + 7] : a.7
+        j += 8
+    }
+    while j < n { a.0 = p[j] > a.0 ? p[j] : a.0; j += 1 }
+    return Swift.max(Swift.max(Swift.max(a.0, a.1), Swift.max(a.2, a.3)), Swift.max(Swift.max(a.4, a.5), Swift.max(a.6, a.7)))
 }
