@@ -5,6 +5,7 @@ let package = Package(
     name: "Kappa",
     products: [
         .library(name: "Kappa", targets: ["Kappa"]),
+        .library(name: "KappaNN", targets: ["KappaNN"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
     ],
     dependencies: [
@@ -22,9 +23,11 @@ let package = Package(
             name: "Kappa",
             dependencies: ["CBLAS", .product(name: "RealModule", package: "swift-numerics")]
         ),
+        .target(name: "KappaNN", dependencies: ["Kappa"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
+        .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
     ],
     swiftLanguageModes: [.v5]
 )

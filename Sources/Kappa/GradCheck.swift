@@ -62,7 +62,9 @@ public struct GradcheckReport: CustomStringConvertible, Sendable {
 
 /// Compares the VJPs that `f` records with central finite differences at `inputs`, which
 /// must be Float64. Inputs keep their layout (a transposed or sliced input stays one), are
-/// perturbed in place and restored bit for bit. Returns the worst absolute and relative
+/// perturbed in place and restored bit for bit. An input that is a leaf requiring gradients
+/// (a layer's parameter) is differentiated as it is, so `f` may use the layer directly;
+/// its `grad` is cleared afterwards. Returns the worst absolute and relative
 /// error per (output, input) with where it occurred; print the report to read it.
 ///
 /// ```swift
@@ -83,7 +85,9 @@ public func gradcheck(_ inputs: [Tensor], eps: Double = 1e-6, atol: Double = 1e-
         precondition(zip(x.shape, x.strides).allSatisfy { $0.0 <= 1 || $0.1 != 0 },
                      "gradcheck: input \(j) of shape \(x.shape) is an expanded view; pass a dense tensor")
     }
-    let leaves = inputs.map { $0.detached().requiringGrad() }
+    // A leaf that already requires gradients (a module's parameter) is used as it is, so
+    // that a layer can be checked with respect to its own weights; its grad is cleared.
+    let leaves = inputs.map { $0.isLeaf && $0.requiresGrad ? $0 : $0.detached().requiringGrad() }
     let positions = leaves.map { elementOffsets($0) }
     let raw = leaves.map { $0.storage.pointer.assumingMemoryBound(to: Double.self) }
 

@@ -147,6 +147,14 @@ struct GradientTests {
         expectGradients([x]) { Tensor.crossEntropy(logits: $0[0], labels: [4, 0, 2]) }
     }
 
+    @Test func layerNorm() {
+        let x = randn([3, 5], seed: 33), w = randn([5], seed: 34), b = randn([5], seed: 35)
+        expectGradients([x, w, b]) { $0[0].layerNorm(weight: $0[1], bias: $0[2], eps: 1e-5) }
+        expectGradients([randn([2, 5, 3], seed: 36).transposed(1, 2)]) { $0[0].layerNorm(weight: nil, bias: nil) }
+        expectGradients([x, w]) { $0[0].layerNorm(weight: $0[1], bias: nil) }
+        expectGradients([x, b]) { $0[0].layerNorm(weight: nil, bias: $0[1]) }
+    }
+
     // MARK: Linear algebra
 
     @Test func matmul() {

@@ -1,0 +1,193 @@
+import Kappa
+
+/// Initializers used by the layers (DINO's choices).
+public enum Initializer {
+    /// Truncated normal with std 0.02 in [−2, 2] (timm/DINO `trunc_normal_`).
+    public static func truncatedNormal(_ shape: [Int], std: Double = 0.02, dtype: DType,
+                                       using g: inout RandomGenerator) -> Tensor {
+        Tensor.truncatedNormal(shape, std: std, lower: -2, upper: 2, dtype: dtype, using: &g)
+    }
+
+    /// Uniform in ±1/√fanIn (PyTorch's default for convolutions and its `kaiming_uniform_(a=√5)`).
+    public static func fanInUniform(_ shape: [Int], fanIn: Int, dtype: DType, using g: inout RandomGenerator) -> Tensor {
+        let bound = 1 / Double(fanIn).squareRoot()
+        return Tensor.randomUniform(shape, low: -bound, high: bound, dtype: dtype, using: &g)
+    }
+}
+
+/// y = x Wᵀ + b over the last axis; W is [out, in] (PyTorch's layout), initialized
+/// truncated-normal with std 0.02, b zero (DINO's `_init_weights`).
+public final class Linear: Module {
+    @Parameter public var weight: Tensor
+    @Parameter public var bias: Tensor?
+
+    public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, dtype: DType = .float32,
+                using g: inout RandomGenerator) {
+        weight = Initializer.truncatedNormal([outFeatures, inFeatures], dtype: dtype, using: &g)
+        self.bias = bias ? Tensor.zeros([outFeatures], dtype: dtype) : nil
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        precondition(x.shape.last == weight.shape[1],
+                     "Linear: input \(x.shape) does not end in \(weight.shape[1]) features (weight \(weight.shape))")
+        let y = x.matmul(weight.transposed())  // a transposed view: BLAS gets a transpose flag
+        return bias.map { y + $0 } ?? y
+    }
+}
+
+/// Layer normalization over the last axis (fused kernel), weight 1, bias 0.
+public final class LayerNorm: Module {
+    @Parameter public var weight: Tensor
+    @Parameter public var bias: Tensor
+    public let eps: Double
+
+    public init(_ features: Int, eps: Double = 1e-5, dtype: DType = .float32) {
+        weight = Tensor.ones([features], dtype: dtype)
+        bias = Tensor.zeros([features], dtype: dtype)
+        self.eps = eps
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor { x.layerNorm(weight: weight, bias: bias, eps: eps) }
+}
+
+/// Batch normalization over the channel axis 1 of [N, C] or [N, C, L] (`BatchNorm1d`) or
+/// [N, C, H, W] (`BatchNorm2d`): batch statistics in training (running statistics updated
+/// with `momentum`, variance unbiased as PyTorch), running statistics in evaluation.
+public class BatchNorm: Module {
+    @Parameter public var weight: Tensor
+    @Parameter public var bias: Tensor
+    @Buffer public var runningMean: Tensor
+    @Buffer public var runningVar: Tensor
+    public let eps: Double, momentum: Double
+    let spatialRanks: Set<Int>
+
+    init(_ channels: Int, eps: Double, momentum: Double, dtype: DType, ranks: Set<Int>) {
+        weight = Tensor.ones([channels], dtype: dtype)
+        bias = Tensor.zeros([channels], dtype: dtype)
+        runningMean = Tensor.zeros([channels], dtype: dtype)
+        runningVar = Tensor.ones([channels], dtype: dtype)
+        (self.eps, self.momentum, spatialRanks) = (eps, momentum, ranks)
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        let c = weight.shape[0]
+        precondition(spatialRanks.contains(x.rank) && x.shape[1] == c,
+                     "\(type(of: self)): input \(x.shape) does not have \(c) channels on axis 1 (rank \(spatialRanks.sorted()))")
+        let axes = [0] + Array(2..<x.rank)
+        var statShape = [Int](repeating: 1, count: x.rank)
+        statShape[1] = c
+        let mean: Tensor, variance: Tensor
+        if isTraining {
+            mean = x.mean(alongAxes: axes, keepingDims: true)
+            variance = x.variance(alongAxes: axes, correction: 0, keepingDims: true)
+            let n = Double(x.count / c)
+            withoutGradients {
+                runningMean.assign(runningMean * (1 - momentum) + mean.reshape([c]) * momentum)
+                runningVar.assign(runningVar * (1 - momentum) + variance.reshape([c]) * (momentum * n / Swift.max(n - 1, 1)))
+            }
+        } else {
+            mean = runningMean.reshape(statShape)
+            variance = runningVar.reshape(statShape)
+        }
+        return (x - mean) / (variance + eps).sqrt() * weight.reshape(statShape) + bias.reshape(statShape)
+    }
+}
+
+/// ``BatchNorm`` for [N, C] and [N, C, L].
+public final class BatchNorm1d: BatchNorm {
+    public init(_ channels: Int, eps: Double = 1e-5, momentum: Double = 0.1, dtype: DType = .float32) {
+        super.init(channels, eps: eps, momentum: momentum, dtype: dtype, ranks: [2, 3])
+    }
+}
+
+/// ``BatchNorm`` for [N, C, H, W].
+public final class BatchNorm2d: BatchNorm {
+    public init(_ channels: Int, eps: Double = 1e-5, momentum: Double = 0.1, dtype: DType = .float32) {
+        super.init(channels, eps: eps, momentum: momentum, dtype: dtype, ranks: [4])
+    }
+}
+
+/// 2-D convolution layer; weight [O, C, kh, kw] and bias uniform in ±1/√(C·kh·kw) (PyTorch).
+public final class Conv2d: Module {
+    @Parameter public var weight: Tensor
+    @Parameter public var bias: Tensor?
+    public let stride: Size2, padding: Size2, dilation: Size2
+
+    public init(_ inChannels: Int, _ outChannels: Int, kernel: Size2, stride: Size2 = 1, padding: Size2 = 0,
+                dilation: Size2 = 1, bias: Bool = true, dtype: DType = .float32, using g: inout RandomGenerator) {
+        let fanIn = inChannels * kernel.height * kernel.width
+        weight = Initializer.fanInUniform([outChannels, inChannels, kernel.height, kernel.width], fanIn: fanIn, dtype: dtype, using: &g)
+        self.bias = bias ? Initializer.fanInUniform([outChannels], fanIn: fanIn, dtype: dtype, using: &g) : nil
+        (self.stride, self.padding, self.dilation) = (stride, padding, dilation)
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        x.conv2d(weight: weight, bias: bias, stride: stride, padding: padding, dilation: dilation)
+    }
+}
+
+/// GELU activation (exact erf form, or the tanh approximation).
+public final class GELU: Module {
+    public let approximate: Bool
+    public init(approximate: Bool = false) { self.approximate = approximate; super.init() }
+    public func callAsFunction(_ x: Tensor) -> Tensor { x.gelu(approximate: approximate) }
+}
+
+/// Dropout with its own seeded generator; the identity in evaluation mode.
+public final class Dropout: Module {
+    public let probability: Double
+    public var generator: RandomGenerator
+    public init(_ probability: Double, seed: UInt64 = 0) {
+        self.probability = probability
+        generator = RandomGenerator(seed: seed)
+        super.init()
+    }
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        x.dropout(probability: probability, training: isTraining, using: &generator)
+    }
+}
+
+/// Stochastic depth: drops whole samples of a residual branch with probability
+/// `probability` in training and scales the kept ones by 1/(1 − probability).
+public final class DropPath: Module {
+    public let probability: Double
+    public var generator: RandomGenerator
+    public init(_ probability: Double, seed: UInt64 = 0) {
+        self.probability = probability
+        generator = RandomGenerator(seed: seed)
+        super.init()
+    }
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        guard isTraining && probability > 0 else { return x }
+        var maskShape = [Int](repeating: 1, count: x.rank)
+        maskShape[0] = x.shape[0]
+        let keep = Tensor.bernoulli(maskShape, probability: 1 - probability, dtype: x.dtype, using: &generator)
+        return x * (keep / (1 - probability))
+    }
+}
+
+/// Linear → GELU → Linear (timm's `Mlp`), with optional dropout after each.
+public final class MLP: Module {
+    public let fc1: Linear, act: GELU, fc2: Linear
+    public let drop: Dropout?
+
+    public init(_ inFeatures: Int, hidden: Int, out: Int? = nil, dropout: Double = 0, dtype: DType = .float32,
+                using g: inout RandomGenerator) {
+        fc1 = Linear(inFeatures, hidden, dtype: dtype, using: &g)
+        act = GELU()
+        fc2 = Linear(hidden, out ?? inFeatures, dtype: dtype, using: &g)
+        drop = dropout > 0 ? Dropout(dropout, seed: g.next()) : nil
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        var h = act(fc1(x))
+        if let drop { h = drop(h) }
+        h = fc2(h)
+        return drop.map { $0(h) } ?? h
+    }
+}

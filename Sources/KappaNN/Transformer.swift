@@ -1,0 +1,160 @@
+import Kappa
+
+/// Multi-head self-attention with a fused qkv projection and scaled dot products:
+/// softmax(QKᵀ/√d_h)·V per head, then an output projection. All products are batched
+/// BLAS calls over [B, heads] (Kᵀ is a transposed view, not a copy).
+public final class Attention: Module {
+    public let heads: Int
+    public let qkv: Linear, proj: Linear
+    /// When true, the next forward keeps its attention maps [B, heads, N, N] in
+    /// ``lastAttention`` (detached), for visualization.
+    public var keepsAttention = false
+    public private(set) var lastAttention: Tensor?
+
+    public init(_ dim: Int, heads: Int, qkvBias: Bool = true, dtype: DType = .float32, using g: inout RandomGenerator) {
+        precondition(dim % heads == 0, "Attention: width \(dim) is not divisible by \(heads) heads")
+        self.heads = heads
+        qkv = Linear(dim, 3 * dim, bias: qkvBias, dtype: dtype, using: &g)
+        proj = Linear(dim, dim, dtype: dtype, using: &g)
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        let (b, n, d) = (x.shape[0], x.shape[1], x.shape[2])
+        let dh = d / heads
+        let qkv = self.qkv(x).reshape([b, n, 3, heads, dh]).permuted([2, 0, 3, 1, 4])  // [3, B, H, N, dh]
+        let q = qkv[0], k = qkv[1], v = qkv[2]
+        let attention = (q.matmul(k.transposed()) * (1 / Double(dh).squareRoot())).softmax(alongAxis: -1)
+        if keepsAttention { lastAttention = attention.detached() }
+        let out = attention.matmul(v).transposed(1, 2).reshape([b, n, d])
+        return proj(out)
+    }
+}
+
+/// Pre-norm Transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
+public final class TransformerBlock: Module {
+    public let norm1: LayerNorm, attn: Attention, norm2: LayerNorm, mlp: MLP
+    public let dropPath: DropPath?
+
+    public init(_ dim: Int, heads: Int, mlpRatio: Double = 4, eps: Double = 1e-6, dropPath: Double = 0,
+                dtype: DType = .float32, using g: inout RandomGenerator) {
+        norm1 = LayerNorm(dim, eps: eps, dtype: dtype)
+        attn = Attention(dim, heads: heads, dtype: dtype, using: &g)
+        norm2 = LayerNorm(dim, eps: eps, dtype: dtype)
+        mlp = MLP(dim, hidden: Int(Double(dim) * mlpRatio), dtype: dtype, using: &g)
+        self.dropPath = dropPath > 0 ? DropPath(dropPath, seed: g.next()) : nil
+        super.init()
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        let drop = { (t: Tensor) in self.dropPath.map { $0(t) } ?? t }
+        let h = x + drop(attn(norm1(x)))
+        return h + drop(mlp(norm2(h)))
+    }
+}
+
+/// The sizes of a ``VisionTransformer``.
+public struct ViTConfiguration: Sendable, Equatable, Codable {
+    public var imageSize: Int, patchSize: Int, channels: Int
+    public var width: Int, depth: Int, heads: Int
+    public var mlpRatio: Double = 4
+    public var eps: Double = 1e-6
+    public var dropPathRate: Double = 0
+    /// A learned mask token that replaces masked patch embeddings (iBOT).
+    public var maskToken: Bool = false
+
+    public init(imageSize: Int, patchSize: Int, channels: Int, width: Int, depth: Int, heads: Int,
+                mlpRatio: Double = 4, eps: Double = 1e-6, dropPathRate: Double = 0, maskToken: Bool = false) {
+        (self.imageSize, self.patchSize, self.channels) = (imageSize, patchSize, channels)
+        (self.width, self.depth, self.heads) = (width, depth, heads)
+        (self.mlpRatio, self.eps, self.dropPathRate, self.maskToken) = (mlpRatio, eps, dropPathRate, maskToken)
+    }
+
+    /// ViT-Tiny (192 wide, 12 deep, 3 heads) for `imageSize` images with `patchSize` patches.
+    public static func tiny(imageSize: Int = 224, patchSize: Int = 16, channels: Int = 3) -> Self {
+        Self(imageSize: imageSize, patchSize: patchSize, channels: channels, width: 192, depth: 12, heads: 3)
+    }
+    /// ViT-Small (384, 12, 6).
+    public static func small(imageSize: Int = 224, patchSize: Int = 16, channels: Int = 3) -> Self {
+        Self(imageSize: imageSize, patchSize: patchSize, channels: channels, width: 384, depth: 12, heads: 6)
+    }
+    /// BENCHMARKS.md's `ref-tiny`: 32×32×3 images, patch 4, 192 wide, 6 deep, 3 heads.
+    public static let refTiny = Self(imageSize: 32, patchSize: 4, channels: 3, width: 192, depth: 6, heads: 3)
+    /// BENCHMARKS.md's `ref-micro`: 28×28×1 images, patch 7, 64 wide, 4 deep, 4 heads.
+    public static let refMicro = Self(imageSize: 28, patchSize: 7, channels: 1, width: 64, depth: 4, heads: 4)
+}
+
+/// A Vision Transformer (DINO's `VisionTransformer`): patch embedding as one product,
+/// a [CLS] token, a learned positional embedding interpolated bicubically when a crop has
+/// another number of patches, pre-norm blocks, a final LayerNorm; optionally a mask token.
+public final class VisionTransformer: Module {
+    public let configuration: ViTConfiguration
+    /// The patch embedding as a convolution's weight [D, C, P, P] and bias, applied as
+    /// unfold + one matrix product.
+    @Parameter public var patchWeight: Tensor
+    @Parameter public var patchBias: Tensor
+    @Parameter public var clsToken: Tensor
+    @Parameter public var positionEmbedding: Tensor
+    @Parameter public var maskToken: Tensor?
+    public let blocks: [TransformerBlock]
+    public let norm: LayerNorm
+
+    public init(_ c: ViTConfiguration, dtype: DType = .float32, using g: inout RandomGenerator) {
+        precondition(c.imageSize % c.patchSize == 0, "VisionTransformer: image size \(c.imageSize) is not a multiple of patch \(c.patchSize)")
+        configuration = c
+        let grid = c.imageSize / c.patchSize, cpp = c.channels * c.patchSize * c.patchSize
+        patchWeight = Initializer.fanInUniform([c.width, c.channels, c.patchSize, c.patchSize], fanIn: cpp, dtype: dtype, using: &g)
+        patchBias = Initializer.fanInUniform([c.width], fanIn: cpp, dtype: dtype, using: &g)
+        clsToken = Initializer.truncatedNormal([1, 1, c.width], dtype: dtype, using: &g)
+        positionEmbedding = Initializer.truncatedNormal([1, 1 + grid * grid, c.width], dtype: dtype, using: &g)
+        maskToken = c.maskToken ? Tensor.zeros([1, 1, c.width], dtype: dtype) : nil
+        blocks = (0..<c.depth).map { i in
+            // Stochastic depth grows linearly with depth (DINO).
+            let rate = c.depth > 1 ? c.dropPathRate * Double(i) / Double(c.depth - 1) : c.dropPathRate
+            return TransformerBlock(c.width, heads: c.heads, mlpRatio: c.mlpRatio, eps: c.eps, dropPath: rate, dtype: dtype, using: &g)
+        }
+        norm = LayerNorm(c.width, eps: c.eps, dtype: dtype)
+        super.init()
+    }
+
+    /// The positional embedding for an h×w grid of patches: the learned grid resized
+    /// bicubically when it differs (DINO's `interpolate_pos_encoding`).
+    public func positionEmbedding(gridHeight h: Int, gridWidth w: Int) -> Tensor {
+        let n = positionEmbedding.shape[1] - 1, g0 = configuration.imageSize / configuration.patchSize
+        if h == g0 && w == g0 { return positionEmbedding }
+        let cls = positionEmbedding[.all, .range(0..<1)]
+        let grid = positionEmbedding[.all, .range(1..<(n + 1))].reshape([1, g0, g0, configuration.width]).permuted([0, 3, 1, 2])
+        let resized = grid.resized(height: h, width: w, mode: .bicubic).permuted([0, 2, 3, 1]).reshape([1, h * w, configuration.width])
+        return Tensor.concat([cls, resized], alongAxis: 1)
+    }
+
+    /// Encodes images [B, C, H, W] (H, W multiples of the patch size). `mask` [B, N] with
+    /// 1 at masked patches replaces their embeddings by the mask token (requires
+    /// `maskToken`). Returns the normalized [CLS] output [B, D] and patch outputs [B, N, D].
+    public func callAsFunction(_ images: Tensor, mask: Tensor? = nil) -> (cls: Tensor, patches: Tensor) {
+        let c = configuration
+        precondition(images.rank == 4 && images.shape[1] == c.channels,
+                     "VisionTransformer: expected [B, \(c.channels), H, W], got \(images.shape)")
+        let (b, gh, gw) = (images.shape[0], images.shape[2] / c.patchSize, images.shape[3] / c.patchSize)
+        let w = patchWeight.reshape([c.width, c.channels * c.patchSize * c.patchSize])
+        var x = images.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
+        if let mask {
+            guard let token = maskToken else { preconditionFailure("VisionTransformer: a mask was given but the model has no mask token") }
+            precondition(mask.shape == [b, gh * gw], "VisionTransformer: mask \(mask.shape) does not match [\(b), \(gh * gw)] patches")
+            x = Tensor.where(mask.unsqueezed(axis: -1), token, x)
+        }
+        x = Tensor.concat([clsToken.expanded(to: [b, 1, c.width]), x], alongAxis: 1) + positionEmbedding(gridHeight: gh, gridWidth: gw)
+        for block in blocks { x = block(x) }
+        x = norm(x)
+        return (x.select(alongAxis: 1, index: 0), x.slice(alongAxis: 1, from: 1))
+    }
+
+    /// The attention maps of the last block for `images`: [B, heads, N + 1, N + 1].
+    public func lastSelfAttention(_ images: Tensor) -> Tensor {
+        let last = blocks[blocks.count - 1].attn
+        last.keepsAttention = true
+        defer { last.keepsAttention = false }
+        _ = withoutGradients { self(images) }
+        return last.lastAttention!
+    }
+}
