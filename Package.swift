@@ -25,7 +25,7 @@ let package = Package(
         ),
         .target(name: "KappaNN", dependencies: ["Kappa"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
-        .executableTarget(name: "KappaBench", dependencies: ["Kappa", "CBLAS"], path: "Benchmarks/KappaBench"),
+        .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
     ],

@@ -7,6 +7,7 @@
 import CBLAS
 import Foundation
 import Kappa
+import KappaNN
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
@@ -25,7 +26,7 @@ func time(reps: Int, _ body: () -> Void) -> Double {
 var rng = RandomGenerator(seed: 1)
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf vit\n")
 
 if wants("matmul") {
 
@@ -113,6 +114,27 @@ if wants("vmf") {
         let both = time(reps: 50) { kappa.vmfLogNormalizer(dimension: 256, approximation: mode).sum().backward() }
         print(String(format: "  %@: forward %.3f ms (%.1f ns/value), forward + backward %.3f ms",
                      name, forward * 1e3, forward / 65536 * 1e9, both * 1e3))
+    }
+}
+
+if wants("vit") {
+    print("\nViT student forward + backward with a DINO head (no teacher, no optimizer), Float32, median of 5 after 1 warm-up")
+    for (name, config, batch, globalSize, localSize, locals, head) in [
+        ("ref-micro", ViTConfiguration.refMicro, 32, 28, 14, 4, (256, 64, 512)),
+        ("ref-tiny", ViTConfiguration.refTiny, 64, 32, 16, 6, (1024, 256, 4096)),
+    ] {
+        var g = RandomGenerator(seed: 3)
+        let vit = VisionTransformer(config, using: &g)
+        let dino = DINOHead(inFeatures: config.width, prototypes: head.2, hidden: head.0, bottleneck: head.1, normLastLayer: false, using: &g)
+        let globals = Tensor.randomNormal([2 * batch, config.channels, globalSize, globalSize], using: &g)
+        let localCrops = Tensor.randomNormal([locals * batch, config.channels, localSize, localSize], using: &g)
+        let t = time(reps: 5) {
+            vit.zeroGrad(); dino.zeroGrad()
+            let a = dino(vit(globals).cls).logits.logSoftmax().mean()
+            let b = dino(vit(localCrops).cls).logits.logSoftmax().mean()
+            (a + b).backward()
+        }
+        print(String(format: "  %@: %.1f ms per step (batch %d, 2 global + %d local crops)", name, t * 1e3, batch, locals))
     }
 }
 

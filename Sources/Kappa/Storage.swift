@@ -30,9 +30,10 @@ public final class BufferPool: @unchecked Sendable {
     private var cachedBytes = 0
     private let lock = NSLock()
 
-    /// The most bytes kept in the cache (default 2 GiB). Lowering it releases nothing at once;
-    /// call ``trim()`` for that.
-    public var capacity: Int = 2 << 30
+    /// The most bytes kept in the cache: by default a quarter of physical memory, at most
+    /// 8 GiB (a ref-tiny training step keeps a few GiB of intermediates alive at its peak).
+    /// Lowering it releases nothing at once; call ``trim()`` for that.
+    public var capacity: Int = Swift.min(8 << 30, Int(ProcessInfo.processInfo.physicalMemory / 4))
 
     /// Counters for tests and benchmarks: how many requests were served from the cache and
     /// how many went to the system allocator.

@@ -8,9 +8,20 @@ public struct ParameterGroup {
     public var parameters: [(name: String, tensor: Tensor)]
     public var learningRate: Double
     public var weightDecay: Double
+    /// This group's learning rate relative to a schedule's (``Optimizer/setSchedule(learningRate:weightDecay:)``).
+    public var learningRateScale: Double
 
-    public init(name: String, parameters: [(name: String, tensor: Tensor)], learningRate: Double, weightDecay: Double) {
+    public init(name: String, parameters: [(name: String, tensor: Tensor)], learningRate: Double, weightDecay: Double,
+                learningRateScale: Double = 1) {
         (self.name, self.parameters, self.learningRate, self.weightDecay) = (name, parameters, learningRate, weightDecay)
+        self.learningRateScale = learningRateScale
+    }
+
+    /// The trainable parameters of `model` whose names satisfy `predicate`, as one group.
+    public static func matching(_ model: Module, name: String, learningRate: Double, weightDecay: Double,
+                                learningRateScale: Double = 1, where predicate: (String) -> Bool) -> ParameterGroup {
+        ParameterGroup(name: name, parameters: model.namedParameters().filter { $0.tensor.requiresGrad && predicate($0.name) },
+                       learningRate: learningRate * learningRateScale, weightDecay: weightDecay, learningRateScale: learningRateScale)
     }
 
     /// DINO's `get_params_groups`: `"regularized"` (weight decay) and `"notRegularized"`
@@ -52,10 +63,12 @@ extension Optimizer {
         for g in groups { for p in g.parameters { p.tensor.zeroGrad() } }
     }
 
-    /// Sets every group's learning rate; the weight decay of groups with nonzero decay.
+    /// Sets every group's learning rate to `learningRate` × its ``ParameterGroup/learningRateScale``,
+    /// and, when given, the weight decay of every group that decays (nonzero decay, or the
+    /// group named `"regularized"`), as DINO's loop does each iteration.
     public func setSchedule(learningRate: Double, weightDecay: Double? = nil) {
         for i in groups.indices {
-            groups[i].learningRate = learningRate
+            groups[i].learningRate = learningRate * groups[i].learningRateScale
             if let wd = weightDecay, groups[i].weightDecay != 0 || groups[i].name == "regularized" { groups[i].weightDecay = wd }
         }
     }

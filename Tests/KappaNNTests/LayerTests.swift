@@ -115,6 +115,9 @@ struct LayerTests {
 
     @Test func mlpAttentionBlock() {
         var g = RandomGenerator(seed: 3)
+        let gelu = GELU(), geluTanh = GELU(approximate: true)
+        expectLayerGradients(gelu, randn([2, 3], seed: 19)) { gelu($0) }
+        expectLayerGradients(geluTanh, randn([2, 3], seed: 18)) { geluTanh($0) }
         let mlp = MLP(4, hidden: 6, dtype: .float64, using: &g)
         expectLayerGradients(mlp, randn([2, 4], seed: 20)) { mlp($0) }
         let attn = Attention(6, heads: 2, dtype: .float64, using: &g)
@@ -146,6 +149,26 @@ struct LayerTests {
         #expect(maps.shape == [2, 2, 5, 5])
         let rowSums = maps.sum(alongAxis: -1).scalars(as: Double.self)
         #expect(rowSums.allSatisfy { Swift.abs($0 - 1) < 1e-12 })
+    }
+
+    @Test func refMicroStepAllocatesFromThePoolAfterTheFirst() async {
+        // In a child process, so that no other test shares the buffer pool.
+        await #expect(processExitsWith: .success) {
+            var g = RandomGenerator(seed: 6)
+            let vit = VisionTransformer(.refMicro, using: &g)
+            let head = DINOHead(inFeatures: 64, prototypes: 512, hidden: 256, bottleneck: 64, normLastLayer: false, using: &g)
+            let images = Tensor.randomNormal([8, 1, 28, 28], using: &g), local = Tensor.randomNormal([8, 1, 14, 14], using: &g)
+            func step() {
+                vit.zeroGrad(); head.zeroGrad()
+                let out = head(vit(images).cls).logits.logSoftmax().mean() + head(vit(local).cls).logits.logSoftmax().mean()
+                out.backward()
+            }
+            step()
+            step()
+            let misses = BufferPool.shared.misses
+            for _ in 0..<3 { step() }
+            exit(BufferPool.shared.misses == misses ? 0 : 1)
+        }
     }
 
     @Test func resNetAndHead() {

@@ -61,6 +61,18 @@ struct OptimizerTests {
         #expect(kept[1].parameters.map(\.name).contains("lastLayerScale"))
     }
 
+    @Test func groupsByName() {
+        var g = RandomGenerator(seed: 4)
+        let mlp = MLP(2, hidden: 3, using: &g)
+        let fast = ParameterGroup.matching(mlp, name: "fc2", learningRate: 0.1, weightDecay: 0, learningRateScale: 10) { $0.hasPrefix("fc2") }
+        let rest = ParameterGroup.matching(mlp, name: "regularized", learningRate: 0.1, weightDecay: 0.05) { !$0.hasPrefix("fc2") }
+        #expect(fast.parameters.map(\.name) == ["fc2.weight", "fc2.bias"] && rest.parameters.count == 2)
+        let opt = SGD(groups: [fast, rest])
+        opt.setSchedule(learningRate: 0.5, weightDecay: 0.2)
+        #expect(opt.groups[0].learningRate == 5 && opt.groups[1].learningRate == 0.5)
+        #expect(opt.groups[0].weightDecay == 0 && opt.groups[1].weightDecay == 0.2)
+    }
+
     @Test func schedules() {
         let s = Schedule.cosine(base: 1, final: 0.1, epochs: 10, iterationsPerEpoch: 5, warmupEpochs: 2, warmupStart: 0)
         #expect(s.count == 50)

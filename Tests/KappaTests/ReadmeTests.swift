@@ -60,16 +60,24 @@ struct ReadmeTests {
     @Test func readmeBlocksAreTheTestedCode() throws {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
-        let source = try String(contentsOf: URL(fileURLWithPath: #filePath), encoding: .utf8)
         func normalized(_ text: Substring) -> [String] {
             text.split(separator: "\n", omittingEmptySubsequences: false)
                 .map { $0.trimmingCharacters(in: .whitespaces) }
                 .filter { !$0.isEmpty && !$0.hasPrefix("import ") }
         }
-        let begin = source.range(of: "// BEGIN " + "README")!, end = source.range(of: "// END " + "README")!
-        let tested = normalized(source[begin.upperBound..<end.lowerBound]).joined(separator: "\n")
+        // Every README region of every test file.
+        var tested = ""
+        let testsRoot = root.appendingPathComponent("Tests")
+        for case let file as String in FileManager.default.enumerator(atPath: testsRoot.path)! where file.hasSuffix(".swift") {
+            let text = try String(contentsOf: testsRoot.appendingPathComponent(file), encoding: .utf8)
+            var rest = Substring(text)
+            while let begin = rest.range(of: "// BEGIN " + "README"), let end = rest.range(of: "// END " + "README") {
+                tested += normalized(rest[begin.upperBound..<end.lowerBound]).joined(separator: "\n") + "\n"
+                rest = rest[end.upperBound...]
+            }
+        }
         let blocks = readme.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
-        #expect(blocks.count == 5)
+        #expect(blocks.count == 6)
         for block in blocks {
             let code = normalized(Substring(block)).joined(separator: "\n")
             #expect(tested.contains(code), "README block not found verbatim in ReadmeTests.swift:\n\(code)")
