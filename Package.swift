@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "Kappa", targets: ["Kappa"]),
         .library(name: "KappaNN", targets: ["KappaNN"]),
+        .library(name: "KappaSSL", targets: ["KappaSSL"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
     ],
     dependencies: [
@@ -24,10 +25,12 @@ let package = Package(
             dependencies: ["CBLAS", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "KappaNN", dependencies: ["Kappa"]),
+        .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
+        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL"]),
     ],
     swiftLanguageModes: [.v5]
 )
