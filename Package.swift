@@ -20,12 +20,18 @@ let package = Package(
             pkgConfig: "openblas",
             providers: [.apt(["libopenblas-dev", "liblapacke-dev"])]
         ),
+        .systemLibrary(
+            name: "CZlib",
+            path: "Sources/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         .target(
             name: "Kappa",
             dependencies: ["CBLAS", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "KappaNN", dependencies: ["Kappa"]),
-        .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN"]),
+        .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN", "CZlib"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
