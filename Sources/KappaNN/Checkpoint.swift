@@ -6,6 +6,11 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
     public let path: String
     public let problem: String
     public var description: String { "\(path): \(problem)" }
+
+    public init(path: String, problem: String) {
+        self.path = path
+        self.problem = problem
+    }
 }
 
 /// The safetensors format (Hugging Face): an 8-byte little-endian header length, a JSON

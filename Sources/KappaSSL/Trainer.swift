@@ -1,0 +1,285 @@
+import Foundation
+import Kappa
+import KappaNN
+
+/// A backbone that maps images [B, C, H, W] to features [B, D].
+public protocol FeatureEncoder: Module {
+    var featureCount: Int { get }
+    func features(_ images: Tensor) -> Tensor
+}
+
+extension VisionTransformer: FeatureEncoder {
+    public var featureCount: Int { configuration.width }
+    public func features(_ images: Tensor) -> Tensor { self(images).cls }
+}
+
+extension ResNet: FeatureEncoder {
+    public func features(_ images: Tensor) -> Tensor { self(images) }
+}
+
+/// Which backbone to train.
+public enum BackboneChoice: Codable, Sendable, Equatable {
+    case vit(ViTConfiguration)
+    case resnet(width: Int, channels: Int)
+
+    func make(using g: inout RandomGenerator) -> FeatureEncoder {
+        switch self {
+        case .vit(let c): return VisionTransformer(c, using: &g)
+        case .resnet(let w, let c): return ResNet(channels: c, width: w, using: &g)
+        }
+    }
+}
+
+/// Everything a DINO / DINO-vMF run is made of; the defaults are tuned for small images on
+/// two cores (see README.md for what was tried).
+public struct DINOConfiguration: Codable, Sendable, Equatable {
+    public var backbone = BackboneChoice.vit(ViTConfiguration(imageSize: 28, patchSize: 7, channels: 1, width: 64, depth: 4, heads: 4))
+    public var prototypes = 256
+    public var headHidden = 256
+    public var bottleneck = 64
+    public var headLayers = 3
+    /// L2-normalized prototypes (g fixed at 1), DINO's default; DINO-vMF learns the norms.
+    public var normalizedPrototypes = false
+    /// Decay the prototype scale g as DINO's parameter groups do.
+    public var decayPrototypeScale = true
+    public var loss = DINOLossConfiguration()
+    public var augmentation = MultiCropAugmentation()
+    public var epochs = 20
+    public var batchSize = 64
+    /// lr = baseLearningRate · batch/256 after warmup, cosine to ``minLearningRate``.
+    public var baseLearningRate = 2e-3
+    public var minLearningRate = 1e-5
+    public var warmupEpochs = 2
+    public var weightDecay = 0.04, weightDecayEnd = 0.4
+    public var teacherMomentum = 0.99
+    public var clipGradient = 3.0
+    public var freezeLastLayerEpochs = 1
+    public var seed: UInt64 = 0
+
+    public init() {
+        loss.dimension = bottleneck
+        loss.teacherTemperature = 0.04
+        loss.warmupTeacherTemperature = 0.04
+        augmentation.blurSigma = 0.1...1.0
+    }
+
+    /// DINO as published: normalized prototypes, no vMF term, logit centering.
+    public mutating func useDINO() {
+        normalizedPrototypes = true
+        loss.vmfNormalization = false
+        loss.probabilityCentering = false
+    }
+}
+
+/// What one training step reports.
+public struct StepLog: Codable, Sendable {
+    public let epoch: Int, step: Int
+    public let loss: Double, learningRate: Double, weightDecay: Double, teacherTemperature: Double, teacherMomentum: Double
+    public let teacherEntropy: Double, klDivergence: Double
+}
+
+/// The evaluation of a run: the trained teacher against the two baselines of the same split.
+public struct EvaluationReport: Codable, Sendable {
+    public var epoch: Int
+    public var knn: Double
+    public var linearProbe: Double?
+    public var knnRawPixels: Double
+    public var knnRandomInit: Double
+    /// Prototypes that are the arg-max for at least one evaluation image, of K.
+    public var utilization: Int, prototypes: Int
+    public var prototypeNorms: Evaluation.Summary
+    /// kNN accuracy of test samples by the norm quartile of their arg-max prototype.
+    public var knnByNormQuartile: [Double]
+    public var quartileCounts: [Int]
+}
+
+/// Trains a student and an EMA teacher with the DINO / DINO-vMF loss: AdamW with cosine
+/// learning-rate and weight-decay schedules, a cosine teacher-momentum schedule, per-parameter
+/// clipping, the frozen last layer in the first epochs, multi-crop views.
+public final class DINOTrainer {
+    public let configuration: DINOConfiguration
+    public let student: FeatureEncoder, teacher: FeatureEncoder
+    public let studentHead: DINOHead, teacherHead: DINOHead
+    public let loss: DINOLoss
+    public let optimizer: AdamW
+    public let train: ImageDataset
+    public private(set) var epoch = 0, step = 0
+    /// The generator that seeds data loading; saved in checkpoints.
+    public private(set) var generator: RandomGenerator
+    let iterationsPerEpoch: Int
+    let lrSchedule: [Double], wdSchedule: [Double], momentumSchedule: [Double]
+
+    public init(configuration c: DINOConfiguration, train: ImageDataset) {
+        precondition(train.count >= c.batchSize, "DINOTrainer: \(train.count) images for batch \(c.batchSize)")
+        configuration = c
+        self.train = train
+        var g = RandomGenerator(seed: c.seed)
+        student = c.backbone.make(using: &g)
+        studentHead = DINOHead(inFeatures: student.featureCount, prototypes: c.prototypes, layers: c.headLayers,
+                               hidden: c.headHidden, bottleneck: c.bottleneck, normLastLayer: c.normalizedPrototypes, using: &g)
+        var tg = RandomGenerator(seed: c.seed ^ 0x7EAC)
+        teacher = c.backbone.make(using: &tg)
+        teacherHead = DINOHead(inFeatures: teacher.featureCount, prototypes: c.prototypes, layers: c.headLayers,
+                               hidden: c.headHidden, bottleneck: c.bottleneck, normLastLayer: c.normalizedPrototypes, using: &tg)
+        teacher.copyParameters(from: student)
+        teacherHead.copyParameters(from: studentHead)
+        for p in teacher.parameters + teacherHead.parameters { p.requiresGrad = false }
+        var lossConfig = c.loss
+        lossConfig.dimension = c.bottleneck
+        loss = DINOLoss(prototypes: c.prototypes, configuration: lossConfig)
+        let lr = c.baseLearningRate * Double(c.batchSize) / 256
+        optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay)
+                          + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
+                                                      decayPrototypeScale: c.decayPrototypeScale))
+        iterationsPerEpoch = train.count / c.batchSize
+        lrSchedule = Schedule.cosine(base: lr, final: c.minLearningRate, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch,
+                                     warmupEpochs: c.warmupEpochs)
+        wdSchedule = Schedule.cosine(base: c.weightDecay, final: c.weightDecayEnd, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch)
+        momentumSchedule = Schedule.cosine(base: c.teacherMomentum, final: 1, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch)
+        generator = g
+    }
+
+    /// Whether all epochs are done.
+    public var isFinished: Bool { epoch >= configuration.epochs }
+
+    /// Student and teacher head outputs for the views, globals batched together and locals batched together.
+    func forward(_ encoder: FeatureEncoder, _ head: DINOHead, _ views: [Tensor]) -> [Tensor] {
+        var outputs: [Tensor] = []
+        var i = 0
+        while i < views.count {
+            var j = i
+            while j < views.count && views[j].shape == views[i].shape { j += 1 }
+            let group = Array(views[i..<j])
+            let logits = head(encoder.features(Tensor.concat(group, alongAxis: 0))).logits
+            outputs += logits.split(sizes: group.map { $0.shape[0] }, alongAxis: 0)
+            i = j
+        }
+        return outputs
+    }
+
+    /// Runs the rest of the current epoch; `onStep` sees every step, `shouldStop` is asked
+    /// before each (Ctrl-C). Returns false when stopped early or when the loss became NaN.
+    @discardableResult
+    public func trainEpoch(onStep: (StepLog) -> Void = { _ in }, shouldStop: () -> Bool = { false }) -> Bool {
+        let c = configuration
+        let loader = MultiCropLoader(dataset: train, augmentation: c.augmentation, batchSize: c.batchSize, seed: c.seed, epoch: epoch)
+        defer { loader.stop() }
+        // A resumed run skips the batches this epoch already trained on.
+        let done = step - epoch * iterationsPerEpoch
+        for _ in 0..<done { _ = loader.next() }
+        student.train(); studentHead.train()
+        while let batch = loader.next() {
+            if shouldStop() { return false }
+            let it = Swift.min(step, lrSchedule.count - 1)
+            optimizer.setSchedule(learningRate: lrSchedule[it], weightDecay: wdSchedule[it])
+            let teacherOut = withoutGradients { forward(teacher, teacherHead, Array(batch.views.prefix(2))) }
+            let studentOut = forward(student, studentHead, batch.views)
+            let result = loss(studentDots: studentOut, studentNorms: studentHead.prototypeNorms,
+                              teacherDots: teacherOut, teacherNorms: teacherHead.prototypeNorms, epoch: epoch)
+            let value = result.loss.item()
+            guard value.isFinite else {
+                onStep(StepLog(epoch: epoch, step: step, loss: value, learningRate: lrSchedule[it], weightDecay: wdSchedule[it],
+                               teacherTemperature: result.teacherTemperature, teacherMomentum: momentumSchedule[it],
+                               teacherEntropy: result.teacherEntropy, klDivergence: result.klDivergence))
+                return false
+            }
+            optimizer.zeroGrad()
+            result.loss.backward()
+            Gradients.clipPerParameter(student, maxNorm: c.clipGradient)
+            Gradients.clipPerParameter(studentHead, maxNorm: c.clipGradient)
+            Gradients.cancelLastLayer(studentHead, epoch: epoch, freezeEpochs: c.freezeLastLayerEpochs)
+            optimizer.step()
+            emaUpdate(teacher: teacher, student: student, momentum: momentumSchedule[it])
+            emaUpdate(teacher: teacherHead, student: studentHead, momentum: momentumSchedule[it])
+            onStep(StepLog(epoch: epoch, step: step, loss: value, learningRate: lrSchedule[it], weightDecay: wdSchedule[it],
+                           teacherTemperature: result.teacherTemperature, teacherMomentum: momentumSchedule[it],
+                           teacherEntropy: result.teacherEntropy, klDivergence: result.klDivergence))
+            step += 1
+        }
+        epoch += 1
+        return true
+    }
+
+    /// Evaluates the teacher on frozen features: kNN (k = 20, T = 0.07) and a linear probe
+    /// from `reference` (the labeled training split) to `test`, the two baselines (raw pixels,
+    /// the randomly initialized network), prototype utilization and norms on `test`.
+    public func evaluate(reference: ImageDataset, test: ImageDataset, linearProbe: Bool = true) -> EvaluationReport {
+        guard let trainLabels = reference.labels, let testLabels = test.labels else {
+            preconditionFailure("evaluate: both splits need labels")
+        }
+        let classes = Swift.max(reference.classCount, test.classCount)
+        let norm = (configuration.augmentation.mean, configuration.augmentation.std)
+        teacher.eval(); teacherHead.eval()
+        defer { teacher.train(); teacherHead.train() }
+        let fTrain = Evaluation.features(of: reference, normalize: norm) { teacher.features($0) }
+        let fTest = Evaluation.features(of: test, normalize: norm) { teacher.features($0) }
+        let predictions = Evaluation.knnPredict(train: fTrain, trainLabels: trainLabels, test: fTest, classes: classes)
+        let knn = Evaluation.accuracy(predictions, testLabels)
+        let probe = linearProbe ? Evaluation.linearProbe(train: fTrain, trainLabels: trainLabels, test: fTest,
+                                                         testLabels: testLabels, classes: classes) : nil
+        let raw = Evaluation.accuracy(Evaluation.knnPredict(train: Evaluation.pixels(of: reference), trainLabels: trainLabels,
+                                                            test: Evaluation.pixels(of: test), classes: classes), testLabels)
+        var g = RandomGenerator(seed: configuration.seed)
+        let initial = configuration.backbone.make(using: &g)  // the student's initialization
+        initial.eval()
+        let rTrain = Evaluation.features(of: reference, normalize: norm) { initial.features($0) }
+        let rTest = Evaluation.features(of: test, normalize: norm) { initial.features($0) }
+        let randomKNN = Evaluation.accuracy(Evaluation.knnPredict(train: rTrain, trainLabels: trainLabels, test: rTest, classes: classes),
+                                            testLabels)
+        let logits = withoutGradients { teacherHead(fTest).logits }
+        let argmax = logits.argmax(alongAxis: 1).scalars(as: Double.self).map { Int($0) }
+        let norms = teacherHead.prototypeNorms.scalars(as: Double.self)
+        let byNorm = Evaluation.accuracyByPrototypeNorm(predictions: predictions, labels: testLabels, argmax: argmax, norms: norms)
+        return EvaluationReport(epoch: epoch, knn: knn, linearProbe: probe, knnRawPixels: raw, knnRandomInit: randomKNN,
+                                utilization: Set(argmax).count, prototypes: configuration.prototypes,
+                                prototypeNorms: Evaluation.Summary(norms), knnByNormQuartile: byNorm.map(\.accuracy),
+                                quartileCounts: byNorm.map(\.count))
+    }
+
+    /// Saves the whole run (student, teacher, optimizer, center, position, configuration) atomically.
+    public func save(to url: URL) throws {
+        let config = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
+        try TrainingCheckpoint.save(to: url, student: StudentTeacherPair(student, studentHead), teacher: StudentTeacherPair(teacher, teacherHead),
+                                    optimizer: optimizer, extra: [("center", loss.centering.center)],
+                                    state: TrainingState(step: step, epoch: epoch, generator: generator,
+                                                         configuration: ["dino": config]))
+    }
+
+    /// Restores a run saved by ``save(to:)``; the trainer must have the same configuration.
+    public func resume(from url: URL) throws {
+        let (state, extra) = try TrainingCheckpoint.load(from: url, student: StudentTeacherPair(student, studentHead),
+                                                         teacher: StudentTeacherPair(teacher, teacherHead), optimizer: optimizer)
+        guard let center = extra["center"], center.shape == loss.centering.center.shape else {
+            throw CheckpointError(path: url.path, problem: "no center of shape \(loss.centering.center.shape)")
+        }
+        loss.centering.center = center
+        (step, epoch, generator) = (state.step, state.epoch, state.generator)
+    }
+
+    /// Reads the configuration stored in a checkpoint written by ``save(to:)``.
+    public static func configuration(in url: URL) throws -> DINOConfiguration {
+        let (_, meta) = try SafeTensors.read(url)
+        guard let json = meta["kappa.training_state"],
+              let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
+              let config = state.configuration["dino"],
+              let c = try? JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8)) else {
+            throw CheckpointError(path: url.path, problem: "not a DINOVMF checkpoint (no configuration in the metadata)")
+        }
+        return c
+    }
+}
+
+/// A backbone and its head as one module, named `backbone.*` and `head.*` in checkpoints.
+final class StudentTeacherPair: Module {
+    let backbone: Module, head: DINOHead
+    init(_ backbone: Module, _ head: DINOHead) {
+        self.backbone = backbone
+        self.head = head
+        super.init()
+    }
+}
+
+extension DINOHead {
+    /// ‖w_k‖ of every prototype: [K].
+    public var prototypeNorms: Tensor { lastLayerScale.reshape([lastLayerScale.shape[0]]).abs() }
+}
