@@ -8,10 +8,12 @@ let package = Package(
         .library(name: "KappaNN", targets: ["KappaNN"]),
         .library(name: "KappaSSL", targets: ["KappaSSL"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
+        .executable(name: "DINOvMF", targets: ["DINOvMF"]),
     ],
     dependencies: [
         // `Real` gives generic exp/log/erf/... over Float and Double, specialized per type.
         .package(url: "https://github.com/apple/swift-numerics", from: "1.1.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
         .systemLibrary(
@@ -33,6 +35,11 @@ let package = Package(
         .target(name: "KappaNN", dependencies: ["Kappa"]),
         .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN", "CZlib"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
+        .executableTarget(
+            name: "DINOvMF",
+            dependencies: ["Kappa", "KappaNN", "KappaSSL", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            path: "Examples/DINOvMF"
+        ),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),

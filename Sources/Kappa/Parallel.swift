@@ -1,10 +1,11 @@
+import CBLAS
 import Dispatch
 import Foundation
 
 /// Work splitting for elementwise and reduction kernels on large tensors.
 enum Parallel {
-    /// Cores available to kernels.
-    static let cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// Cores available to kernels (see ``Threads``).
+    nonisolated(unsafe) static var cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
 
     /// Below this many elements of work a kernel runs on the calling thread: dispatching to
     /// another core costs a few microseconds.
@@ -24,6 +25,20 @@ enum Parallel {
                 let lo = count * c / chunks, hi = count * (c + 1) / chunks
                 body(lo..<hi)
             }
+        }
+    }
+}
+
+/// The number of threads Kappa's kernels and OpenBLAS use.
+public enum Threads {
+    /// Threads for elementwise and reduction kernels and for BLAS; defaults to the number of
+    /// active cores. Set it before starting work.
+    public static var count: Int {
+        get { Parallel.cores }
+        set {
+            precondition(newValue >= 1, "Threads.count: \(newValue) threads")
+            Parallel.cores = newValue
+            openblas_set_num_threads(Int32(newValue))
         }
     }
 }
