@@ -90,8 +90,10 @@ struct ModelOptions: ParsableArguments {
     var freezeLastLayer = 1
     @Option(help: "Local crops per image.")
     var localCrops = 4
-    @Option(help: "Smallest area share of a global crop (local crops span 0.05 up to this).")
+    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). DINO: 0.4.")
     var globalCropMin = 0.4
+    @Option(help: "Smallest area share of a local crop. DINO: 0.05; on 28-pixel images that is a 6-pixel patch that may miss the object.")
+    var localCropMin = 0.05
 
     func configuration(imageSize: Int, channels: Int, seed: UInt64) throws -> DINOConfiguration {
         var c = DINOConfiguration()
@@ -127,7 +129,7 @@ struct ModelOptions: ParsableArguments {
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
         c.augmentation.globalScale = globalCropMin...1
-        c.augmentation.localScale = 0.05...globalCropMin
+        c.augmentation.localScale = localCropMin...globalCropMin
         c.seed = seed
         return c
     }

@@ -38,6 +38,10 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     public var headHidden = 256
     public var bottleneck = 64
     public var headLayers = 3
+    /// BatchNorm after the head's hidden layers (DINO's `use_bn_in_head`). At initialization a
+    /// small ViT maps all images to nearly the same [CLS] output; standardizing over the batch
+    /// makes the head see their differences, which small data needs (see README).
+    public var headBatchNorm = true
     /// L2-normalized prototypes (g fixed at 1), DINO's default; DINO-vMF learns the norms.
     public var normalizedPrototypes = false
     /// Decay the prototype scale g as DINO's parameter groups do.
@@ -116,11 +120,13 @@ public final class DINOTrainer {
         var g = RandomGenerator(seed: c.seed)
         student = c.backbone.make(using: &g)
         studentHead = DINOHead(inFeatures: student.featureCount, prototypes: c.prototypes, layers: c.headLayers,
-                               hidden: c.headHidden, bottleneck: c.bottleneck, normLastLayer: c.normalizedPrototypes, using: &g)
+                               hidden: c.headHidden, bottleneck: c.bottleneck, batchNorm: c.headBatchNorm, normLastLayer: c.normalizedPrototypes,
+                               using: &g)
         var tg = RandomGenerator(seed: c.seed ^ 0x7EAC)
         teacher = c.backbone.make(using: &tg)
         teacherHead = DINOHead(inFeatures: teacher.featureCount, prototypes: c.prototypes, layers: c.headLayers,
-                               hidden: c.headHidden, bottleneck: c.bottleneck, normLastLayer: c.normalizedPrototypes, using: &tg)
+                               hidden: c.headHidden, bottleneck: c.bottleneck, batchNorm: c.headBatchNorm, normLastLayer: c.normalizedPrototypes,
+                               using: &tg)
         teacher.copyParameters(from: student)
         teacherHead.copyParameters(from: studentHead)
         for p in teacher.parameters + teacherHead.parameters { p.requiresGrad = false }
