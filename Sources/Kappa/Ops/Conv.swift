@@ -1,6 +1,6 @@
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
-// conv2d is im2col followed by one BLAS product per image; its VJP recomputes the columns
+// conv2d is im2col over the whole batch followed by one BLAS product; its VJP recomputes the columns
 // (trading a cheap copy for memory), gets the weight gradient as G·colsᵀ and the input
 // gradient as col2im(Wᵀ·G). Pooling and resizing are explicit window/tap kernels whose VJPs
 // scatter the gradient back through the same windows/taps.
@@ -192,12 +192,13 @@ struct ConvGeometry {
     var colCols: Int { oh * ow }
 }
 
-/// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside).
-private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+/// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside);
+/// rows of `cols` are `rowStride` apart (the columns of a whole batch side by side).
+private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
     for ci in 0..<g.c {
         for i in 0..<g.kh {
             for j in 0..<g.kw {
-                let row = cols + ((ci * g.kh + i) * g.kw + j) * g.colCols
+                let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
                 for y in 0..<g.oh {
                     let iy = y * g.sh - g.ph + i * g.dh
                     let dst = row + y * g.ow
@@ -217,11 +218,11 @@ private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMuta
 }
 
 /// The adjoint of im2col: image[...] += cols[...] over the same correspondence.
-private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
     for ci in 0..<g.c {
         for i in 0..<g.kh {
             for j in 0..<g.kw {
-                let row = cols + ((ci * g.kh + i) * g.kw + j) * g.colCols
+                let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
                 for y in 0..<g.oh {
                     let iy = y * g.sh - g.ph + i * g.dh
                     if iy < 0 || iy >= g.h { continue }
@@ -237,30 +238,43 @@ private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMuta
     }
 }
 
+/// Forward for the whole batch as one product: cols [C·kh·kw, B·L] from every image, then
+/// [O, C·kh·kw] · cols = [O, B·L], reordered to [B, O, L].
 private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0]
-    let cols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
-    let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), pc = cols.pointer(T.self)
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, total = b * l
+    let cols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
+    let product = Tensor(uninitialized: [o, total], dtype: x.dtype)
+    let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self)
+    let pc = cols.pointer(T.self), pp = product.pointer(T.self)
+    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
+        for n in range { im2col(px + n * g.c * g.h * g.w, pc + n * l, g, rowStride: total) }
+    }
+    gemm(false, false, o, total, g.colRows, pw, g.colRows, pc, total, pp, total)
     for n in 0..<b {
-        im2col(px + n * g.c * g.h * g.w, pc, g)
-        gemm(false, false, o, g.colCols, g.colRows, pw, g.colRows, pc, g.colCols, po + n * o * g.colCols, g.colCols)
+        for k in 0..<o { (po + (n * o + k) * l).update(from: pp + k * total + n * l, count: l) }
     }
 }
 
 private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
                                            _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0]
-    let cols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
-    let gcols = Tensor(uninitialized: [g.colRows, g.colCols], dtype: x.dtype)
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, total = b * l
+    let cols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
+    let g2 = Tensor(uninitialized: [o, total], dtype: x.dtype)
+    let gcols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
-    let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), pc = cols.pointer(T.self), pgc = gcols.pointer(T.self)
+    let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), pc = cols.pointer(T.self)
+    let pg2 = g2.pointer(T.self), pgc = gcols.pointer(T.self)
+    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
+        for n in range { im2col(px + n * g.c * g.h * g.w, pc + n * l, g, rowStride: total) }
+    }
     for n in 0..<b {
-        let gn = pg + n * o * g.colCols
-        im2col(px + n * g.c * g.h * g.w, pc, g)
-        // dW += G_n · colsᵀ ; dcols = Wᵀ · G_n
-        gemm(false, true, o, g.colRows, g.colCols, gn, g.colCols, pc, g.colCols, pgw, g.colRows, beta: 1)
-        gemm(true, false, g.colRows, g.colCols, o, pw, g.colRows, gn, g.colCols, pgc, g.colCols)
-        col2im(pgc, pgx + n * g.c * g.h * g.w, g)
+        for k in 0..<o { (pg2 + k * total + n * l).update(from: pg + (n * o + k) * l, count: l) }
+    }
+    // dW = G · colsᵀ ; dcols = Wᵀ · G
+    gemm(false, true, o, g.colRows, total, pg2, total, pc, total, pgw, g.colRows)
+    gemm(true, false, g.colRows, total, o, pw, g.colRows, pg2, total, pgc, total)
+    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
+        for n in range { col2im(pgc + n * l, pgx + n * g.c * g.h * g.w, g, rowStride: total) }
     }
 }
 
