@@ -156,6 +156,7 @@ struct Common: ParsableArguments {
 @main
 struct DINOvMF: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "DINOvMF",
         abstract: "Self-supervised DINO-vMF / DINO training and evaluation on a CPU.",
         subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
 }
