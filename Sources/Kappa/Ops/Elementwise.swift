@@ -363,11 +363,13 @@ extension Tensor {
     public static func - (a: Tensor, b: Tensor) -> Tensor {
         binary("sub", Subtract.self, a, b) { g, _ in [g, -g] }
     }
+    // Gradients are computed only for inputs that need them (a mask or a constant operand
+    // costs nothing on the way back).
     public static func * (a: Tensor, b: Tensor) -> Tensor {
-        binary("mul", Multiply.self, a, b) { g, _ in [g * b, g * a] }
+        binary("mul", Multiply.self, a, b) { g, _ in [a._requiresGrad ? g * b : nil, b._requiresGrad ? g * a : nil] }
     }
     public static func / (a: Tensor, b: Tensor) -> Tensor {
-        binary("div", Divide.self, a, b) { g, y in [g / b, -g * y / b] }
+        binary("div", Divide.self, a, b) { g, y in [a._requiresGrad ? g / b : nil, b._requiresGrad ? -g * y / b : nil] }
     }
     /// aᵇ elementwise. The gradient in b is g·y·ln a, taken as 0 where a = 0 and b ≥ 0 (as PyTorch).
     public func pow(_ exponent: Tensor) -> Tensor {
