@@ -17,20 +17,25 @@ public struct ParameterGroup {
         self.learningRateScale = learningRateScale
     }
 
-    /// The trainable parameters of `model` whose names satisfy `predicate`, as one group.
+    /// The trainable parameters of `model` whose names satisfy `predicate`, as one group
+    /// (names prefixed by `prefix`).
     public static func matching(_ model: Module, name: String, learningRate: Double, weightDecay: Double,
-                                learningRateScale: Double = 1, where predicate: (String) -> Bool) -> ParameterGroup {
-        ParameterGroup(name: name, parameters: model.namedParameters().filter { $0.tensor.requiresGrad && predicate($0.name) },
+                                learningRateScale: Double = 1, prefix: String = "", where predicate: (String) -> Bool) -> ParameterGroup {
+        ParameterGroup(name: name, parameters: model.namedParameters().filter { $0.tensor.requiresGrad && predicate($0.name) }
+                        .map { (prefix + $0.name, $0.tensor) },
                        learningRate: learningRate * learningRateScale, weightDecay: weightDecay, learningRateScale: learningRateScale)
     }
 
     /// DINO's `get_params_groups`: `"regularized"` (weight decay) and `"notRegularized"`
     /// (biases and other 1-D parameters, no decay). The prototype scale g has shape [K, 1],
     /// so DINO decays it; `decayPrototypeScale: false` moves it to the undecayed group.
+    /// `prefix` is put before every name (`"head."`): names must be unique across all the
+    /// groups of one optimizer, which keeps its per-parameter state by name.
     public static func dinoGroups(_ model: Module, learningRate: Double, weightDecay: Double,
-                                  decayPrototypeScale: Bool = true) -> [ParameterGroup] {
+                                  decayPrototypeScale: Bool = true, prefix: String = "") -> [ParameterGroup] {
         var decayed: [(name: String, tensor: Tensor)] = [], plain: [(name: String, tensor: Tensor)] = []
-        for p in model.namedParameters() where p.tensor.requiresGrad {
+        for var p in model.namedParameters() where p.tensor.requiresGrad {
+            p.name = prefix + p.name
             let isScale = p.name.hasSuffix("lastLayerScale")
             if p.name.hasSuffix("bias") || p.tensor.rank == 1 || (isScale && !decayPrototypeScale) {
                 plain.append(p)
@@ -79,6 +84,17 @@ public struct OptimizerStateError: Error, CustomStringConvertible {
     public let description: String
 }
 
+/// Stops when two parameters of an optimizer's groups share a name (their state would mix).
+func checkUniqueNames(_ optimizer: String, _ groups: [ParameterGroup]) {
+    var seen = Set<String>()
+    for g in groups {
+        for p in g.parameters {
+            precondition(seen.insert(p.name).inserted,
+                         "\(optimizer): parameter name '\(p.name)' appears twice in the groups; give each module's groups a prefix")
+        }
+    }
+}
+
 /// Per-parameter state tensors kept by name, created as zeros on first use.
 final class StateStore {
     var tensors: [String: Tensor] = [:]
@@ -122,6 +138,7 @@ public final class SGD: Optimizer {
 
     public init(groups: [ParameterGroup], momentum: Double = 0, nesterov: Bool = false) {
         (self.groups, self.momentum, self.nesterov) = (groups, momentum, nesterov)
+        checkUniqueNames("SGD", groups)
     }
 
     public func step() {
@@ -167,6 +184,7 @@ public final class AdamW: Optimizer {
 
     public init(groups: [ParameterGroup], beta1: Double = 0.9, beta2: Double = 0.999, eps: Double = 1e-8) {
         (self.groups, self.beta1, self.beta2, self.eps) = (groups, beta1, beta2, eps)
+        checkUniqueNames("AdamW", groups)
     }
 
     public func step() {
@@ -216,6 +234,7 @@ public final class LARS: Optimizer {
 
     public init(groups: [ParameterGroup], momentum: Double = 0.9, eta: Double = 0.001) {
         (self.groups, self.momentum, self.eta) = (groups, momentum, eta)
+        checkUniqueNames("LARS", groups)
     }
 
     public func step() {

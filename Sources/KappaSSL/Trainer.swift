@@ -134,9 +134,9 @@ public final class DINOTrainer {
         lossConfig.dimension = c.bottleneck
         loss = DINOLoss(prototypes: c.prototypes, configuration: lossConfig)
         let lr = c.baseLearningRate * Double(c.batchSize) / 256
-        optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay)
+        optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
-                                                      decayPrototypeScale: c.decayPrototypeScale))
+                                                      decayPrototypeScale: c.decayPrototypeScale, prefix: "head."))
         iterationsPerEpoch = train.count / c.batchSize
         lrSchedule = Schedule.cosine(base: lr, final: c.minLearningRate, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch,
                                      warmupEpochs: c.warmupEpochs)

@@ -73,6 +73,21 @@ struct OptimizerTests {
         #expect(opt.groups[0].weightDecay == 0 && opt.groups[1].weightDecay == 0.2)
     }
 
+    @Test func duplicateNamesAcrossGroupsAreRefused() async {
+        await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            var g = RandomGenerator(seed: 5)
+            let a = MLP(2, hidden: 3, using: &g), b = MLP(2, hidden: 3, using: &g)
+            _ = AdamW(groups: ParameterGroup.dinoGroups(a, learningRate: 1, weightDecay: 0) + ParameterGroup.dinoGroups(b, learningRate: 1, weightDecay: 0))
+        }.map { result in
+            #expect(String(decoding: result.standardErrorContent, as: UTF8.self).contains("parameter name 'fc1.weight' appears twice"))
+        }
+        var g = RandomGenerator(seed: 5)
+        let a = MLP(2, hidden: 3, using: &g), b = MLP(2, hidden: 3, using: &g)
+        let opt = AdamW(groups: ParameterGroup.dinoGroups(a, learningRate: 1, weightDecay: 0, prefix: "a.")
+                        + ParameterGroup.dinoGroups(b, learningRate: 1, weightDecay: 0, prefix: "b."))
+        #expect(opt.groups.flatMap(\.parameters).map(\.name).contains("b.fc2.bias"))
+    }
+
     @Test func schedules() {
         let s = Schedule.cosine(base: 1, final: 0.1, epochs: 10, iterationsPerEpoch: 5, warmupEpochs: 2, warmupStart: 0)
         #expect(s.count == 50)

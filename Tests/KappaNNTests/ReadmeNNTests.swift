@@ -15,8 +15,8 @@ struct ReadmeNNTests {
         teacher.copyParameters(from: student)                       // the teacher starts as a copy
         let head = DINOHead(inFeatures: 64, prototypes: 512, hidden: 256, bottleneck: 64,
                             normLastLayer: false, using: &g)        // learned prototype norms
-        let optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: 5e-4, weightDecay: 0.04)
-                                      + ParameterGroup.dinoGroups(head, learningRate: 5e-4, weightDecay: 0.04))
+        let optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: 5e-4, weightDecay: 0.04, prefix: "backbone.")
+                                      + ParameterGroup.dinoGroups(head, learningRate: 5e-4, weightDecay: 0.04, prefix: "head."))
         let lr = Schedule.cosine(base: 5e-4, final: 1e-6, epochs: 10, iterationsPerEpoch: 100, warmupEpochs: 1)
 
         let crops = Tensor.randomNormal([8, 1, 28, 28], using: &g)
