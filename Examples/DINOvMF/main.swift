@@ -92,6 +92,8 @@ struct ModelOptions: ParsableArguments {
     var localCrops = 4
     @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). DINO: 0.4.")
     var globalCropMin = 0.4
+    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. On data where foreground polarity is a nuisance shared by both views (the built-in shapes) it removes that shortcut.")
+    var invertProbability = 0.0
     @Option(help: "Smallest area share of a local crop. DINO: 0.05; on 28-pixel images that is a 6-pixel patch that may miss the object.")
     var localCropMin = 0.05
 
@@ -128,6 +130,7 @@ struct ModelOptions: ParsableArguments {
         c.augmentation.globalSize = imageSize
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
+        c.augmentation.invertProbability = invertProbability
         c.augmentation.globalScale = globalCropMin...1
         c.augmentation.localScale = localCropMin...globalCropMin
         c.seed = seed

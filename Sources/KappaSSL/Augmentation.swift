@@ -20,6 +20,9 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
     /// Solarization probability of the second global crop.
     public var solarizeProbability = 0.2
     public var mean = 0.5, std = 0.25
+    /// Probability of inverting a view (x → 1 − x): not in DINO; for data whose foreground
+    /// polarity is a nuisance shared by both views of an image (the built-in shapes).
+    public var invertProbability = 0.0
 
     public init() {}
 
@@ -37,6 +40,7 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
             let blur = global ? blurProbabilities[k] : blurProbabilities[2]
             if g.nextUniform() < blur { gaussianBlur(&x, c, size, sigma: blurSigma.lowerBound + (blurSigma.upperBound - blurSigma.lowerBound) * g.nextUniform()) }
             if k == 1 && g.nextUniform() < solarizeProbability { for i in x.indices where x[i] >= 0.5 { x[i] = 1 - x[i] } }
+            if invertProbability > 0 && g.nextUniform() < invertProbability { for i in x.indices { x[i] = 1 - x[i] } }
             let (m, s) = (Float(mean), Float(1 / std))
             for i in x.indices { x[i] = (x[i] - m) * s }
             out.append(x)

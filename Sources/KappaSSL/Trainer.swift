@@ -22,7 +22,8 @@ public enum BackboneChoice: Codable, Sendable, Equatable {
     case vit(ViTConfiguration)
     case resnet(width: Int, channels: Int)
 
-    func make(using g: inout RandomGenerator) -> FeatureEncoder {
+    /// A freshly initialized backbone of this kind.
+    public func make(using g: inout RandomGenerator) -> FeatureEncoder {
         switch self {
         case .vit(let c): return VisionTransformer(c, using: &g)
         case .resnet(let w, let c): return ResNet(channels: c, width: w, using: &g)
@@ -267,11 +268,14 @@ public final class DINOTrainer {
         let (_, meta) = try SafeTensors.read(url)
         guard let json = meta["kappa.training_state"],
               let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
-              let config = state.configuration["dino"],
-              let c = try? JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8)) else {
-            throw CheckpointError(path: url.path, problem: "not a DINOVMF checkpoint (no configuration in the metadata)")
+              let config = state.configuration["dino"] else {
+            throw CheckpointError(path: url.path, problem: "not a DINOvMF checkpoint (no configuration in the metadata)")
         }
-        return c
+        do {
+            return try JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8))
+        } catch {
+            throw CheckpointError(path: url.path, problem: "its configuration cannot be read by this version of Kappa (\(error))")
+        }
     }
 }
 
