@@ -266,6 +266,18 @@ struct FastMathTests {
         let special = Tensor([Float.nan, .infinity, -.infinity, 100, -100, 89]).exp().scalars(as: Float.self)
         #expect(special[0].isNaN)
         #expect(special[1] == .infinity && special[2] == 0 && special[3] == .infinity && special[4] == 0 && special[5] == .infinity)
+        // GELU in Float32 (vectorizable erf) against the Float64 path.
+        let g = (0...2000).map { Float(-8 + 0.008 * Double($0)) }
+        let g32 = Tensor(g).gelu().scalars(as: Float.self)
+        let g64 = Tensor(g.map(Double.init)).gelu().scalars(as: Double.self)
+        let geluError = zip(g32, g64).map { Swift.abs(Double($0) - $1) }.max()!
+        #expect(geluError < 1e-6, "GELU Float32 error \(geluError)")
+        let d = Tensor(g).requiringGrad()
+        d.gelu().sum().backward()
+        let d64 = Tensor(g.map(Double.init)).requiringGrad()
+        d64.gelu().sum().backward()
+        let derivativeError = zip(d.grad!.scalars(as: Double.self), d64.grad!.scalars(as: Double.self)).map { Swift.abs($0 - $1) }.max()!
+        #expect(derivativeError < 1e-6, "GELU′ Float32 error \(derivativeError)")
         // Softmax keeps NaN visible instead of hiding it.
         #expect(Tensor([Float(1), .nan, 2]).softmax().scalars(as: Float.self).allSatisfy { $0.isNaN })
     }
