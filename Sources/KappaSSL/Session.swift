@@ -72,6 +72,7 @@ public final class TrainingSession {
                     fflush(stdout)
                 } else if s.step % 50 == 0 {
                     print(line)
+                    fflush(stdout)
                 }
             }, shouldStop: { interruptRequested.load(ordering: .relaxed) })
             if terminal { print("") }
