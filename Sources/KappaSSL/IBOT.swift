@@ -73,7 +73,7 @@ public final class IBOTLoss {
 /// a prediction ratio drawn uniformly from `ratio`, and rectangles of at least
 /// `minimumBlock` patches with aspect ratios in [0.3, 1/0.3] are masked until that share of
 /// the patches is covered; other images get no mask.
-public struct BlockMasking: Sendable {
+public struct BlockMasking: Sendable, Codable, Equatable {
     public var ratio: ClosedRange<Double> = 0.1...0.5
     public var probability: Double = 0.5
     public var minimumBlock: Int = 4

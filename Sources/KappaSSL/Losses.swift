@@ -68,6 +68,10 @@ public final class DINOLoss {
         public let klDivergence: Double
         /// τ_t used.
         public let teacherTemperature: Double
+
+        public init(loss: Tensor, teacherEntropy: Double, klDivergence: Double, teacherTemperature: Double) {
+            (self.loss, self.teacherEntropy, self.klDivergence, self.teacherTemperature) = (loss, teacherEntropy, klDivergence, teacherTemperature)
+        }
     }
 
     public init(prototypes: Int, configuration: DINOLossConfiguration = .init(), dtype: DType = .float32) {

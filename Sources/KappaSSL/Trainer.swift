@@ -60,6 +60,8 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     public var clipGradient = 3.0
     public var freezeLastLayerEpochs = 1
     public var seed: UInt64 = 0
+    /// iBOT: masked patch prediction added to the [CLS] loss (needs a ViT backbone).
+    public var ibot: IBOTSettings?
 
     public init() {
         loss.dimension = bottleneck
@@ -74,6 +76,19 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
         loss.vmfNormalization = false
         loss.probabilityCentering = false
     }
+}
+
+/// The iBOT part of a run: the masked student's patch outputs predict the teacher's for the
+/// same global view; the shared head maps patch tokens too.
+public struct IBOTSettings: Codable, Sendable, Equatable {
+    /// λ₂, the weight of the patch term (λ₁ = 1 for the [CLS] term).
+    public var patchWeight = 1.0
+    /// The patch term's loss settings: its own teacher temperature and centering; the vMF
+    /// switches follow the [CLS] term's unless set here.
+    public var patch = DINOLossConfiguration()
+    public var masking = BlockMasking()
+
+    public init() {}
 }
 
 /// What one training step reports.
@@ -105,7 +120,10 @@ public final class DINOTrainer {
     public let configuration: DINOConfiguration
     public let student: FeatureEncoder, teacher: FeatureEncoder
     public let studentHead: DINOHead, teacherHead: DINOHead
+    /// The [CLS] loss (for iBOT, the [CLS] term of ``ibotLoss``).
     public let loss: DINOLoss
+    /// The iBOT loss when the configuration has ``DINOConfiguration/ibot``.
+    public let ibotLoss: IBOTLoss?
     public let optimizer: AdamW
     public let train: ImageDataset
     public private(set) var epoch = 0, step = 0
@@ -133,7 +151,18 @@ public final class DINOTrainer {
         for p in teacher.parameters + teacherHead.parameters { p.requiresGrad = false }
         var lossConfig = c.loss
         lossConfig.dimension = c.bottleneck
-        loss = DINOLoss(prototypes: c.prototypes, configuration: lossConfig)
+        if var settings = c.ibot {
+            guard case .vit(let v) = c.backbone, v.maskToken else {
+                preconditionFailure("DINOTrainer: iBOT needs a ViT backbone with a mask token")
+            }
+            settings.patch.dimension = c.bottleneck
+            ibotLoss = IBOTLoss(prototypes: c.prototypes, patchPrototypes: c.prototypes, cls: lossConfig, patch: settings.patch,
+                                clsWeight: 1, patchWeight: settings.patchWeight)
+            loss = ibotLoss!.clsLoss
+        } else {
+            ibotLoss = nil
+            loss = DINOLoss(prototypes: c.prototypes, configuration: lossConfig)
+        }
         let lr = c.baseLearningRate * Double(c.batchSize) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
@@ -179,10 +208,15 @@ public final class DINOTrainer {
             if shouldStop() { return false }
             let it = Swift.min(step, lrSchedule.count - 1)
             optimizer.setSchedule(learningRate: lrSchedule[it], weightDecay: wdSchedule[it])
-            let teacherOut = withoutGradients { forward(teacher, teacherHead, Array(batch.views.prefix(2))) }
-            let studentOut = forward(student, studentHead, batch.views)
-            let result = loss(studentDots: studentOut, studentNorms: studentHead.prototypeNorms,
+            let result: DINOLoss.Result
+            if let ibotLoss, let settings = c.ibot {
+                result = ibotStep(ibotLoss, settings, batch.views)
+            } else {
+                let teacherOut = withoutGradients { forward(teacher, teacherHead, Array(batch.views.prefix(2))) }
+                let studentOut = forward(student, studentHead, batch.views)
+                result = loss(studentDots: studentOut, studentNorms: studentHead.prototypeNorms,
                               teacherDots: teacherOut, teacherNorms: teacherHead.prototypeNorms, epoch: epoch)
+            }
             let value = result.loss.item()
             guard value.isFinite else {
                 onStep(StepLog(epoch: epoch, step: step, loss: value, learningRate: lrSchedule[it], weightDecay: wdSchedule[it],
@@ -205,6 +239,37 @@ public final class DINOTrainer {
         }
         epoch += 1
         return true
+    }
+
+    /// One iBOT forward: masks for the global views (from the run's seed and the step), the
+    /// masked student and the unmasked teacher on the global views, the student alone on the
+    /// local views, the shared head on [CLS] and patch tokens. Returns the [CLS] term's
+    /// monitors with the total loss.
+    func ibotStep(_ ibotLoss: IBOTLoss, _ settings: IBOTSettings, _ views: [Tensor]) -> DINOLoss.Result {
+        guard let studentViT = student as? VisionTransformer, let teacherViT = teacher as? VisionTransformer else {
+            preconditionFailure("iBOT needs ViT backbones")
+        }
+        let globals = Tensor.concat(Array(views.prefix(2)), alongAxis: 0)
+        let b = views[0].shape[0]
+        let grid = views[0].shape[2] / studentViT.configuration.patchSize
+        var g = RandomGenerator(seed: configuration.seed ^ (UInt64(step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07)
+        let masks = settings.masking.masks(count: 2 * b, height: grid, width: grid, using: &g)
+        func heads(_ head: DINOHead, _ out: (cls: Tensor, patches: Tensor)) -> (cls: [Tensor], patches: [Tensor]) {
+            let (n, d) = (out.patches.shape[1], out.patches.shape[2])
+            let cls = head(out.cls).logits.split(sizes: [b, b], alongAxis: 0)
+            let patches = head(out.patches.reshape([2 * b * n, d])).logits.reshape([2 * b, n, -1]).split(sizes: [b, b], alongAxis: 0)
+            return (cls, patches)
+        }
+        let t = withoutGradients { heads(teacherHead, teacherViT(globals)) }
+        let s = heads(studentHead, studentViT(globals, mask: masks))
+        let locals = views.count > 2 ? forward(student, studentHead, Array(views.dropFirst(2))) : []
+        let m = masks.split(sizes: [b, b], alongAxis: 0)
+        let r = ibotLoss(studentCLS: s.cls + locals, studentNorms: studentHead.prototypeNorms, studentPatches: s.patches,
+                         studentPatchNorms: studentHead.prototypeNorms, masks: m, teacherCLS: t.cls,
+                         teacherNorms: teacherHead.prototypeNorms, teacherPatches: t.patches,
+                         teacherPatchNorms: teacherHead.prototypeNorms, epoch: epoch)
+        return DINOLoss.Result(loss: r.loss, teacherEntropy: r.cls.teacherEntropy, klDivergence: r.cls.klDivergence,
+                               teacherTemperature: r.cls.teacherTemperature)
     }
 
     /// Evaluates the teacher on frozen features: kNN (k = 20, T = 0.07) and a linear probe
@@ -247,7 +312,8 @@ public final class DINOTrainer {
     public func save(to url: URL) throws {
         let config = String(decoding: try JSONEncoder().encode(configuration), as: UTF8.self)
         try TrainingCheckpoint.save(to: url, student: StudentTeacherPair(student, studentHead), teacher: StudentTeacherPair(teacher, teacherHead),
-                                    optimizer: optimizer, extra: [("center", loss.centering.center)],
+                                    optimizer: optimizer,
+                                    extra: [("center", loss.centering.center)] + (ibotLoss.map { [("patchCenter", $0.patchLoss.centering.center)] } ?? []),
                                     state: TrainingState(step: step, epoch: epoch, generator: generator,
                                                          configuration: ["dino": config]))
     }
@@ -260,6 +326,12 @@ public final class DINOTrainer {
             throw CheckpointError(path: url.path, problem: "no center of shape \(loss.centering.center.shape)")
         }
         loss.centering.center = center
+        if let ibotLoss {
+            guard let patch = extra["patchCenter"], patch.shape == ibotLoss.patchLoss.centering.center.shape else {
+                throw CheckpointError(path: url.path, problem: "no patch center of shape \(ibotLoss.patchLoss.centering.center.shape)")
+            }
+            ibotLoss.patchLoss.centering.center = patch
+        }
         (step, epoch, generator) = (state.step, state.epoch, state.generator)
     }
 

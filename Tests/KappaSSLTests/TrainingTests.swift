@@ -72,4 +72,31 @@ struct TrainingTests {
         #expect(report.knn >= 0 && report.knn <= 1 && report.knnRawPixels > 0 && report.utilization >= 1)
         #expect(report.quartileCounts.reduce(0, +) == 40)
     }
+
+    @Test func ibotTrainsAndResumes() throws {
+        let data = ShapesDataset.make(count: 64, size: 16, seed: 4)
+        var config = tinyConfiguration()
+        config.backbone = .vit(ViTConfiguration(imageSize: 16, patchSize: 4, channels: 1, width: 16, depth: 1, heads: 2, mlpRatio: 2,
+                                                maskToken: true))
+        var settings = IBOTSettings()
+        settings.patchWeight = 0.5
+        settings.patch.teacherTemperature = 0.05
+        config.ibot = settings
+        config.epochs = 2
+        let trainer = DINOTrainer(configuration: config, train: data)
+        var losses: [Double] = []
+        trainer.trainEpoch { losses.append($0.loss) }
+        let url = URL(fileURLWithPath: NSTemporaryDirectory() + "kappa-ibot-\(UUID().uuidString).safetensors")
+        try trainer.save(to: url)
+        trainer.trainEpoch { losses.append($0.loss) }
+        #expect(losses.count == 8 && losses.allSatisfy(\.isFinite))
+        #expect(trainer.ibotLoss!.patchLoss.centering.center.sum().item() > 0.99, "the patch center moved and stayed a distribution")
+        let resumed = DINOTrainer(configuration: config, train: data)
+        try resumed.resume(from: url)
+        resumed.trainEpoch()
+        for (a, b) in zip(trainer.student.stateDict() + trainer.teacherHead.stateDict(), resumed.student.stateDict() + resumed.teacherHead.stateDict()) {
+            #expect(a.tensor.rawBytes() == b.tensor.rawBytes(), "\(a.name)")
+        }
+        #expect(trainer.ibotLoss!.patchLoss.centering.center.rawBytes() == resumed.ibotLoss!.patchLoss.centering.center.rawBytes())
+    }
 }
