@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "KappaSSL", targets: ["KappaSSL"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
         .executable(name: "DINOvMF", targets: ["DINOvMF"]),
+        .executable(name: "iBOTvMF", targets: ["iBOTvMF"]),
     ],
     dependencies: [
         // `Real` gives generic exp/log/erf/... over Float and Double, specialized per type.
@@ -35,11 +36,12 @@ let package = Package(
         .target(name: "KappaNN", dependencies: ["Kappa"]),
         .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN", "CZlib"]),
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
-        .executableTarget(
-            name: "DINOvMF",
-            dependencies: ["Kappa", "KappaNN", "KappaSSL", .product(name: "ArgumentParser", package: "swift-argument-parser")],
-            path: "Examples/DINOvMF"
+        .target(
+            name: "KappaCommands",
+            dependencies: ["Kappa", "KappaNN", "KappaSSL", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+        .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
+        .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),

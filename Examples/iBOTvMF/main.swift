@@ -1,0 +1,9 @@
+// iBOT-vMF and iBOT (a ViT with blockwise masking and masked patch prediction):
+//
+//     swift run -c release iBOTvMF            # iBOT-vMF on the built-in shapes dataset
+//     swift run -c release iBOTvMF --help     # every option
+import KappaCommands
+
+KappaCommand.name = "iBOTvMF"
+KappaCommand.defaultMethod = .ibotVMF
+KappaCommand.main()
