@@ -115,7 +115,26 @@ public struct ModelOptions: ParsableArguments {
     @Option(help: "iBOT: probability that an image is masked at all.")
     var maskProbability = 0.5
 
+    /// Argument errors are thrown (and printed by ArgumentParser), never preconditions.
+    func validated() throws {
+        guard epochs >= 1 else { throw ValidationError("--epochs must be at least 1") }
+        guard warmupEpochs >= 0 && warmupEpochs <= epochs else { throw ValidationError("--warmup-epochs must lie in 0...\(epochs) (--epochs)") }
+        guard warmupTeacherEpochs >= 0 else { throw ValidationError("--warmup-teacher-epochs must not be negative") }
+        guard batchSize >= 1, prototypes >= 1, bottleneck >= 2, headHidden >= 1, resnetWidth >= 1, localCrops >= 0 else {
+            throw ValidationError("--batch-size, --prototypes, --head-hidden and --resnet-width must be positive, --bottleneck at least 2, --local-crops not negative")
+        }
+        guard lr > 0, minLr >= 0, studentTemp > 0, teacherTemp > 0, warmupTeacherTemp > 0, patchTeacherTemp > 0 else {
+            throw ValidationError("learning rates and temperatures must be positive")
+        }
+        guard (0...1).contains(teacherMomentum), (0...1).contains(centerMomentum), (0...1).contains(maskProbability),
+              (0...1).contains(invertProbability), 0 < localCropMin, localCropMin <= globalCropMin, globalCropMin <= 1,
+              0 <= maskRatioMin, maskRatioMin <= maskRatioMax, maskRatioMax < 1 else {
+            throw ValidationError("momenta and probabilities must lie in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
+        }
+    }
+
     func configuration(imageSize: Int, channels: Int, seed: UInt64) throws -> DINOConfiguration {
+        try validated()
         var c = DINOConfiguration()
         if !method.isVMF { c.useDINO() }
         if let v = vmfNormalization { c.loss.vmfNormalization = v }
@@ -216,6 +235,7 @@ struct Train: ParsableCommand {
         try common.apply()
         let (train, test) = try data.load(seed: common.seed)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed)
+        guard config.batchSize <= train.count else { throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images") }
         print("\(model.method.rawValue) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads")
         let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
                                       output: common.output)
@@ -257,16 +277,21 @@ struct Ablation: ParsableCommand {
     @OptionGroup var data: DataOptions
     @OptionGroup var model: ModelOptions
     @OptionGroup var common: Common
+    @Option(help: "Epochs of each of the eight runs (the short budget; overrides --epochs).")
+    var budgetEpochs = 5
 
     func run() throws {
         try common.apply()
         let (train, test) = try data.load(seed: common.seed)
+        guard model.batchSize <= train.count else { throw ValidationError("--batch-size \(model.batchSize) exceeds the \(train.count) training images") }
         var rows: [String] = []
         for normalized in [true, false] {
             for vmf in [false, true] {
                 for probability in [false, true] {
                     var m = model
                     (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
+                    m.epochs = budgetEpochs
+                    m.warmupEpochs = Swift.min(m.warmupEpochs, budgetEpochs)
                     let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.seed)
                     let name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
                     print("== \(name)")
