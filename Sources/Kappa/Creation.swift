@@ -1,3 +1,5 @@
+import RealModule
+
 extension Tensor {
     /// A tensor of zeros.
     public static func zeros(_ shape: [Int], dtype: DType = .float32) -> Tensor {
@@ -96,5 +98,3 @@ extension Tensor {
         return t
     }
 }
-
-import RealModule

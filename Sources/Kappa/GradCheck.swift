@@ -1,3 +1,5 @@
+import Foundation
+
 /// Gradient checking by finite differences, with PyTorch's `gradcheck` defaults: Float64
 /// only, central differences with eps 1e-6, and an element passes when
 /// |analytic − numeric| ≤ atol + rtol·|numeric| with atol 1e-5, rtol 1e-3.
@@ -213,5 +215,3 @@ func multiIndex(_ linear: Int, _ shape: [Int]) -> [Int] {
     }
     return idx
 }
-
-import Foundation

@@ -1,3 +1,5 @@
+import RealModule
+
 /// The one seeded random number generator of Kappa: xoshiro256** (Blackman and Vigna),
 /// seeded through SplitMix64. The same seed gives the same stream, and so bit-identical
 /// tensors, on every run and machine. A value type: copy it to fork a stream, save
@@ -67,5 +69,3 @@ public struct RandomGenerator: RandomNumberGenerator, Sendable, Equatable {
         return Int(next(upperBound: UInt64(bound)))
     }
 }
-
-import RealModule

@@ -61,6 +61,9 @@ public final class DINOHead: Module {
         let y = h.l2Normalized(alongAxis: -1)
         let directions = lastLayerDirection.l2Normalized(alongAxis: 1)
         let logits = y.matmul(directions.transposed()) * lastLayerScale.reshape([lastLayerScale.shape[0]])
-        return Output(logits: logits, prototypeNorms: lastLayerScale.reshape([lastLayerScale.shape[0]]).abs(), embedding: y)
+        return Output(logits: logits, prototypeNorms: prototypeNorms, embedding: y)
     }
+
+    /// ‖w_k‖ = |g_k| of every prototype: [K].
+    public var prototypeNorms: Tensor { lastLayerScale.reshape([lastLayerScale.shape[0]]).abs() }
 }

@@ -63,6 +63,13 @@ public protocol Optimizer: AnyObject {
 }
 
 extension Optimizer {
+    /// Every parameter that has a gradient, with its group and name, in group order.
+    var parametersWithGradients: [(group: ParameterGroup, name: String, parameter: Tensor, gradient: Tensor)] {
+        groups.flatMap { group in
+            group.parameters.compactMap { p in p.tensor.grad.map { (group, p.name, p.tensor, $0) } }
+        }
+    }
+
     /// Clears every parameter's gradient.
     public func zeroGrad() {
         for g in groups { for p in g.parameters { p.tensor.zeroGrad() } }
@@ -143,14 +150,11 @@ public final class SGD: Optimizer {
 
     public func step() {
         stepCount += 1
-        for group in groups {
-            for (name, p) in group.parameters {
-                guard let g = p.grad else { continue }
-                let buf = momentum != 0 ? [state.get("momentum", name, like: p)] : []
-                switch p.dtype {
-                case .float32: update(Float.self, p, g, buf, group)
-                case .float64: update(Double.self, p, g, buf, group)
-                }
+        for (group, name, p, g) in parametersWithGradients {
+            let buf = momentum != 0 ? [state.get("momentum", name, like: p)] : []
+            switch p.dtype {
+            case .float32: update(Float.self, p, g, buf, group)
+            case .float64: update(Double.self, p, g, buf, group)
             }
         }
     }
@@ -189,14 +193,11 @@ public final class AdamW: Optimizer {
 
     public func step() {
         stepCount += 1
-        for group in groups {
-            for (name, p) in group.parameters {
-                guard let g = p.grad else { continue }
-                let m = state.get("exp_avg", name, like: p), v = state.get("exp_avg_sq", name, like: p)
-                switch p.dtype {
-                case .float32: update(Float.self, p, g, m, v, group)
-                case .float64: update(Double.self, p, g, m, v, group)
-                }
+        for (group, name, p, g) in parametersWithGradients {
+            let m = state.get("exp_avg", name, like: p), v = state.get("exp_avg_sq", name, like: p)
+            switch p.dtype {
+            case .float32: update(Float.self, p, g, m, v, group)
+            case .float64: update(Double.self, p, g, m, v, group)
             }
         }
     }
@@ -204,10 +205,9 @@ public final class AdamW: Optimizer {
     private func update<T: TensorScalar>(_: T.Type, _ p: Tensor, _ g: Tensor, _ m: Tensor, _ v: Tensor, _ group: ParameterGroup) {
         let t = Double(stepCount)
         let c1 = 1 - Foundation.pow(beta1, t), c2 = 1 - Foundation.pow(beta2, t)
-        let lr = T(group.learningRate), decay = T(1 - group.learningRate * group.weightDecay)
+        let decay = T(1 - group.learningRate * group.weightDecay)
         let b1 = T(beta1), b2 = T(beta2), eps = T(eps)
         let stepSize = T(group.learningRate / c1), rootC2 = T(c2.squareRoot())
-        _ = lr
         withBuffers(T.self, p, g, [m, v]) { pp, gg, s in
             let mm = s[0], vv = s[1]
             for i in 0..<pp.count {
@@ -239,21 +239,18 @@ public final class LARS: Optimizer {
 
     public func step() {
         stepCount += 1
-        for group in groups {
-            for (name, p) in group.parameters {
-                guard let g = p.grad else { continue }
-                let buf = state.get("momentum", name, like: p)
-                var d = g
-                if p.rank > 1 {
-                    d = withoutGradients { g + p * group.weightDecay }
-                    let pn = p.norm().item(), dn = d.norm().item()
-                    let q = pn > 0 && dn > 0 ? eta * pn / dn : 1
-                    d = withoutGradients { d * q }
-                }
-                switch p.dtype {
-                case .float32: update(Float.self, p, d, buf, group)
-                case .float64: update(Double.self, p, d, buf, group)
-                }
+        for (group, name, p, g) in parametersWithGradients {
+            let buf = state.get("momentum", name, like: p)
+            var d = g
+            if p.rank > 1 {
+                d = withoutGradients { g + p * group.weightDecay }
+                let pn = p.norm().item(), dn = d.norm().item()
+                let q = pn > 0 && dn > 0 ? eta * pn / dn : 1
+                d = withoutGradients { d * q }
+            }
+            switch p.dtype {
+            case .float32: update(Float.self, p, d, buf, group)
+            case .float64: update(Double.self, p, d, buf, group)
             }
         }
     }

@@ -289,15 +289,7 @@ public final class DINOTrainer {
         let knn = Evaluation.accuracy(predictions, testLabels)
         let probe = linearProbe ? Evaluation.linearProbe(train: fTrain, trainLabels: trainLabels, test: fTest,
                                                          testLabels: testLabels, classes: classes) : nil
-        let raw = Evaluation.accuracy(Evaluation.knnPredict(train: Evaluation.pixels(of: reference), trainLabels: trainLabels,
-                                                            test: Evaluation.pixels(of: test), classes: classes), testLabels)
-        var g = RandomGenerator(seed: configuration.seed)
-        let initial = configuration.backbone.make(using: &g)  // the student's initialization
-        initial.eval()
-        let rTrain = Evaluation.features(of: reference, normalize: norm) { initial.features($0) }
-        let rTest = Evaluation.features(of: test, normalize: norm) { initial.features($0) }
-        let randomKNN = Evaluation.accuracy(Evaluation.knnPredict(train: rTrain, trainLabels: trainLabels, test: rTest, classes: classes),
-                                            testLabels)
+        let (raw, randomKNN) = baselines(reference: reference, test: test, classes: classes)
         let logits = withoutGradients { teacherHead(fTest).logits }
         let argmax = logits.argmax(alongAxis: 1).scalars(as: Double.self).map { Int($0) }
         let norms = teacherHead.prototypeNorms.scalars(as: Double.self)
@@ -306,6 +298,28 @@ public final class DINOTrainer {
                                 utilization: Set(argmax).count, prototypes: configuration.prototypes,
                                 prototypeNorms: Evaluation.Summary(norms), knnByNormQuartile: byNorm.map(\.accuracy),
                                 quartileCounts: byNorm.map(\.count))
+    }
+
+    /// kNN on raw pixels and on the randomly initialized backbone for a pair of splits: they
+    /// do not change during a run, so they are computed once per pair.
+    private var baselineCache: (key: String, raw: Double, random: Double)?
+
+    func baselines(reference: ImageDataset, test: ImageDataset, classes: Int) -> (raw: Double, random: Double) {
+        let key = reference.source + "|" + test.source
+        if let c = baselineCache, c.key == key { return (c.raw, c.random) }
+        let trainLabels = reference.labels!, testLabels = test.labels!
+        let norm = (configuration.augmentation.mean, configuration.augmentation.std)
+        let raw = Evaluation.accuracy(Evaluation.knnPredict(train: Evaluation.pixels(of: reference), trainLabels: trainLabels,
+                                                            test: Evaluation.pixels(of: test), classes: classes), testLabels)
+        var g = RandomGenerator(seed: configuration.seed)
+        let initial = configuration.backbone.make(using: &g)  // the student's initialization
+        initial.eval()
+        let rTrain = Evaluation.features(of: reference, normalize: norm) { initial.features($0) }
+        let rTest = Evaluation.features(of: test, normalize: norm) { initial.features($0) }
+        let random = Evaluation.accuracy(Evaluation.knnPredict(train: rTrain, trainLabels: trainLabels, test: rTest, classes: classes),
+                                         testLabels)
+        baselineCache = (key, raw, random)
+        return (raw, random)
     }
 
     /// Saves the whole run (student, teacher, optimizer, center, position, configuration) atomically.
@@ -359,9 +373,4 @@ final class StudentTeacherPair: Module {
         self.head = head
         super.init()
     }
-}
-
-extension DINOHead {
-    /// ‖w_k‖ of every prototype: [K].
-    public var prototypeNorms: Tensor { lastLayerScale.reshape([lastLayerScale.shape[0]]).abs() }
 }

@@ -375,7 +375,7 @@ extension Tensor {
     public func pow(_ exponent: Tensor) -> Tensor {
         let a = self, b = exponent
         return Tensor.binary("pow", Power.self, a, b) { g, y in
-            let da = g * b * Tensor.binaryKernel("pow", Power.self, a, b - 1)
+            let da = g * b * Kappa.binaryKernel("pow", Power.self, a, b - 1)
             let safe = Tensor.where(a.eq(0) * b.ge(0), Tensor(scalar: 1, dtype: a.dtype), a)
             let db = g * y * safe.log()
             return [da, db]
@@ -394,10 +394,6 @@ extension Tensor {
             let wa = a.gt(b) + a.eq(b) * 0.5
             return [g * wa, g * (1 - wa)]
         }
-    }
-
-    static func binaryKernel<F: BinaryFunction>(_ name: String, _ f: F.Type, _ a: Tensor, _ b: Tensor) -> Tensor {
-        Kappa.binaryKernel(name, f, a, b)
     }
 
     // Comparisons: 1 where true, 0 where false, in this tensor's type; no gradient.

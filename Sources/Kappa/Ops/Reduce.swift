@@ -17,11 +17,10 @@ struct ReductionLayout {
 
     init(_ x: Tensor, axes: [Int]?, keepingDims: Bool, op: String) {
         let rank = x.rank
-        let ax = axes.map { normalizeAxes($0, rank: rank, op: op, shape: x.shape) } ?? Array(0..<rank)
-        var kept = x.shape
-        for a in ax { kept[a] = 1 }
-        keptShape = kept
-        resultShape = keepingDims ? kept : x.shape.enumerated().filter { !ax.contains($0.offset) }.map(\.element)
+        let shapes = ReductionShapes(x.shape, axes: axes, keepingDims: keepingDims, op: op)
+        let ax = shapes.axes
+        keptShape = shapes.kept
+        resultShape = shapes.result
         let isBlock = ax.isEmpty || ax.last! - ax.first! + 1 == ax.count
         if isBlock {
             data = x.contiguousData()
@@ -37,6 +36,28 @@ struct ReductionLayout {
             r = shapeCount(ax.map { x.shape[$0] })
             inner = 1
         }
+    }
+}
+
+/// The shapes of a reduction, computed without touching the data.
+struct ReductionShapes {
+    /// The reduced axes, normalized and sorted.
+    let axes: [Int]
+    /// The input's shape with reduced axes kept as 1.
+    let kept: [Int]
+    /// The result's shape (`kept`, or without the reduced axes).
+    let result: [Int]
+    /// How many elements each result element reduces.
+    let reducedCount: Int
+
+    init(_ shape: [Int], axes: [Int]?, keepingDims: Bool, op: String) {
+        let ax = axes.map { normalizeAxes($0, rank: shape.count, op: op, shape: shape) } ?? Array(0..<shape.count)
+        var kept = shape
+        for a in ax { kept[a] = 1 }
+        self.axes = ax
+        self.kept = kept
+        result = keepingDims ? kept : shape.enumerated().filter { !ax.contains($0.offset) }.map(\.element)
+        reducedCount = ax.reduce(1) { $0 * shape[$1] }
     }
 }
 
@@ -73,7 +94,7 @@ extension Tensor {
 
     /// The mean over `axes` (all axes when `nil`).
     public func mean(alongAxes axes: [Int]? = nil, keepingDims: Bool = false) -> Tensor {
-        let n = axes.map { ax in ax.reduce(1) { $0 * shape[normalizeAxis($1, rank: rank, op: "mean", shape: shape)] } } ?? count
+        let n = ReductionShapes(shape, axes: axes, keepingDims: keepingDims, op: "mean").reducedCount
         return sum(alongAxes: axes, keepingDims: keepingDims) / Double(n)
     }
 
@@ -85,7 +106,7 @@ extension Tensor {
     /// The variance over `axes`: Σ(x − x̄)²/(n − correction); `correction: 1` is Bessel's
     /// unbiased estimate (PyTorch's default), 0 the population variance.
     public func variance(alongAxes axes: [Int]? = nil, correction: Int = 1, keepingDims: Bool = false) -> Tensor {
-        let n = axes.map { ax in ax.reduce(1) { $0 * shape[normalizeAxis($1, rank: rank, op: "variance", shape: shape)] } } ?? count
+        let n = ReductionShapes(shape, axes: axes, keepingDims: keepingDims, op: "variance").reducedCount
         let d = self - mean(alongAxes: axes, keepingDims: true)
         return (d * d).sum(alongAxes: axes, keepingDims: keepingDims) / Double(Swift.max(n - correction, 0))
     }
@@ -103,7 +124,7 @@ extension Tensor {
             return Tensor.where(m.abs().eq(.infinity), Tensor(scalar: 0, dtype: dtype), m)
         }
         let lse = (self - m).exp().sum(alongAxes: axes, keepingDims: true).log() + m
-        return keepingDims ? lse : lse.reshape(ReductionLayout(self, axes: axes, keepingDims: false, op: "logSumExp").resultShape)
+        return keepingDims ? lse : lse.reshape(ReductionShapes(shape, axes: axes, keepingDims: false, op: "logSumExp").result)
     }
 
     /// The p-norm (Σ|x|ᵖ)^{1/p} over `axes`, for p > 0. Where the norm is 0 the gradient is
@@ -111,7 +132,7 @@ extension Tensor {
     public func norm(_ p: Double = 2, alongAxes axes: [Int]? = nil, keepingDims: Bool = false) -> Tensor {
         precondition(p > 0, "norm: p = \(p) is not positive")
         let x = self
-        let layout = ReductionLayout(self, axes: axes, keepingDims: keepingDims, op: "norm")
+        let kept = ReductionShapes(shape, axes: axes, keepingDims: keepingDims, op: "norm").kept
         let out = withoutGradients { () -> Tensor in
             let s = p == 2 ? (x * x).sum(alongAxes: axes, keepingDims: keepingDims)
                            : x.abs().pow(p).sum(alongAxes: axes, keepingDims: keepingDims)
@@ -119,7 +140,7 @@ extension Tensor {
         }
         let y = out.detached()
         Tape.record("norm", [self], out) { g in
-            let nk = y.reshape(layout.keptShape), gk = g.reshape(layout.keptShape)
+            let nk = y.reshape(kept), gk = g.reshape(kept)
             let safe = Tensor.where(nk.eq(0), Tensor(scalar: 1, dtype: x.dtype), nk)
             let scale = Tensor.where(nk.eq(0), Tensor(scalar: 0, dtype: x.dtype), gk / safe.pow(p - 1))
             let dx = p == 2 ? x * scale : x.sign() * x.abs().pow(p - 1) * scale
@@ -171,8 +192,7 @@ extension Tensor {
         let keptAxes = (0..<rank).filter { !ax.contains($0) }
         let merged = permuted(keptAxes + ax).reshape(keptAxes.map { shape[$0] } + [ax.reduce(1) { $0 * shape[$1] }])
         let v = merged.extremumAlong(merged.rank - 1, false, max: max).values
-        let layout = ReductionLayout(self, axes: ax, keepingDims: keepingDims, op: op)
-        return v.reshape(layout.resultShape)
+        return v.reshape(ReductionShapes(shape, axes: ax, keepingDims: keepingDims, op: op).result)
     }
 
     private func extremumAlong(_ axis: Int, _ keepingDims: Bool, max: Bool) -> (values: Tensor, indices: Tensor) {

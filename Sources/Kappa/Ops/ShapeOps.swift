@@ -174,7 +174,8 @@ extension Tensor {
         let inShape = shape, dt = dtype
         return viewOp("select", shape: s, strides: st, offset: offset + i * strides[a]) { g in
             let z = Tensor.zeros(inShape, dtype: dt)
-            copyElements(from: g.reshape(z.sliceView(a, i, i + 1, 1).shape), to: z.sliceView(a, i, i + 1, 1))
+            let row = z.sliceView(a, i, i + 1, 1)
+            copyElements(from: g.reshape(row.shape), to: row)
             return [z]
         }
     }
