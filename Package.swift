@@ -15,6 +15,8 @@ let package = Package(
         // `Real` gives generic exp/log/erf/... over Float and Double, specialized per type.
         .package(url: "https://github.com/apple/swift-numerics", from: "1.1.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // Generators and shrinking for the randomized gradient checks (tests only).
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
     ],
     targets: [
         .systemLibrary(
@@ -43,7 +45,7 @@ let package = Package(
         .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
         .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
-        .testTarget(name: "KappaTests", dependencies: ["Kappa"]),
+        .testTarget(name: "KappaTests", dependencies: ["Kappa", .product(name: "PropertyBased", package: "swift-property-based")]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
         .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL"]),
     ],

@@ -111,9 +111,19 @@ extension Tensor {
         return (d * d).sum(alongAxes: axes, keepingDims: keepingDims) / Double(Swift.max(n - correction, 0))
     }
 
-    /// The standard deviation over `axes`, √variance.
+    /// The standard deviation over `axes`, √variance. Where it is 0 (constant input) the
+    /// gradient is taken as 0, a subgradient, as for ``norm(_:alongAxes:keepingDims:)``;
+    /// √ alone would give 0 · ∞ = NaN there.
     public func standardDeviation(alongAxes axes: [Int]? = nil, correction: Int = 1, keepingDims: Bool = false) -> Tensor {
-        variance(alongAxes: axes, correction: correction, keepingDims: keepingDims).sqrt()
+        let v = variance(alongAxes: axes, correction: correction, keepingDims: keepingDims)
+        let out = withoutGradients { v.sqrt() }
+        let y = out.detached()
+        Tape.record("standardDeviation", [v], out) { g in
+            let zero = y.eq(0)
+            let safe = Tensor.where(zero, Tensor(scalar: 1, dtype: y.dtype), y)
+            return [Tensor.where(zero, Tensor(scalar: 0, dtype: y.dtype), g / (safe * 2))]
+        }
+        return out
     }
 
     /// log Σ exp(x) over `axes`, computed as m + log Σ exp(x − m) with m the maximum, so it
