@@ -44,10 +44,13 @@ let package = Package(
         ),
         .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
         .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),
+        // Hostile-file testing of every reader, shared by the KappaFuzz command and the tests.
+        .target(name: "KappaFuzzing", dependencies: ["Kappa", "KappaNN", "KappaSSL", "CZlib"]),
+        .executableTarget(name: "KappaFuzz", dependencies: ["KappaFuzzing"], path: "Tools/KappaFuzz"),
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa", .product(name: "PropertyBased", package: "swift-property-based")]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
-        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL"]),
+        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaFuzzing"]),
     ],
     swiftLanguageModes: [.v5]
 )
