@@ -265,18 +265,31 @@ func atomicWrite(_ bytes: [UInt8], to url: URL) throws {
     var written = 0
     try bytes.withUnsafeBytes { raw in
         while written < raw.count {
-            let n = Glibc.write(fd, raw.baseAddress! + written, raw.count - written)
+            // Fault injection: a pause in the middle of the data widens the window a crash test aims at.
+            let chunk = writeDelay > 0 && written < raw.count / 2 ? raw.count / 2 - written : raw.count - written
+            let n = Glibc.write(fd, raw.baseAddress! + written, chunk)
             if n < 0 { if errno == EINTR { continue }; close(fd); throw fail("writing \(tmp)") }
             written += n
+            if writeDelay > 0 { usleep(writeDelay) }
         }
     }
     guard fsync(fd) == 0 else { close(fd); throw fail("flushing \(tmp)") }
     close(fd)
+    if writeDelay > 0 { usleep(writeDelay) }
     guard rename(tmp, url.path) == 0 else { throw fail("renaming \(tmp)") }
     ok = true
     let dfd = open(dir, O_RDONLY)
     if dfd >= 0 { fsync(dfd); close(dfd) }
+    // Temporary files of writers killed before their rename (one file has one writer at a time).
+    let prefix = "." + url.lastPathComponent + ".tmp-"
+    for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where name.hasPrefix(prefix) {
+        unlink(dir + "/" + name)
+    }
 }
+
+/// Microseconds to pause inside every atomic write, from `KAPPA_FAULT_WRITE_DELAY_MS`: fault
+/// injection for the crash tests (0, no pause, unless set).
+let writeDelay: UInt32 = ProcessInfo.processInfo.environment["KAPPA_FAULT_WRITE_DELAY_MS"].flatMap { UInt32($0) }.map { $0 * 1000 } ?? 0
 
 /// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), table-driven.
 func crc32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {

@@ -5,12 +5,22 @@ public final class MetricsLog {
     let handle: FileHandle
     public let path: String
 
-    public init(path: String, append: Bool) throws {
+    /// Opens the log at `path`: a new one, or, resuming a run from a checkpoint at `resumingAt`,
+    /// the old one without the records written after that checkpoint (and without a line cut
+    /// off by a crash), so that a resumed run's log equals an uninterrupted one's.
+    public init(path: String, resumingAt checkpoint: (step: Int, epoch: Int)? = nil) throws {
         self.path = path
-        if !append || !FileManager.default.fileExists(atPath: path) {
-            guard FileManager.default.createFile(atPath: path, contents: nil) else {
-                throw DatasetError(path: path, problem: "cannot create the metrics file")
+        var kept = Data()
+        if let checkpoint, let old = FileManager.default.contents(atPath: path) {
+            struct Line: Decodable { let kind: String; let step: Int?; let epoch: Int? }
+            for line in old.split(separator: 0x0A) {
+                guard let l = try? JSONDecoder().decode(Line.self, from: Data(line)) else { continue }
+                let keep = l.kind == "step" ? (l.step ?? .max) < checkpoint.step : (l.epoch ?? .max) <= checkpoint.epoch
+                if keep { kept.append(contentsOf: line); kept.append(0x0A) }
             }
+        }
+        guard FileManager.default.createFile(atPath: path, contents: kept) else {
+            throw DatasetError(path: path, problem: "cannot create the metrics file")
         }
         guard let h = FileHandle(forWritingAtPath: path) else { throw DatasetError(path: path, problem: "cannot open for writing") }
         h.seekToEndOfFile()

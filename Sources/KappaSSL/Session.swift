@@ -43,7 +43,8 @@ public final class TrainingSession {
             try trainer.resume(from: checkpointURL)
             log("resumed at epoch \(trainer.epoch), step \(trainer.step)")
         }
-        let metrics = try MetricsLog(path: output + "/metrics.jsonl", append: resume)
+        let metrics = try MetricsLog(path: output + "/metrics.jsonl",
+                                     resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
         interruptRequested.store(false, ordering: .relaxed)
         signal(SIGINT) { _ in interruptRequested.store(true, ordering: .relaxed) }
         defer { signal(SIGINT, SIG_DFL) }
@@ -89,7 +90,6 @@ public final class TrainingSession {
             struct EpochRecord: Codable { let epoch: Int; let loss: Double; let teacherEntropy: Double; let klDivergence: Double }
             metrics.write("epoch", EpochRecord(epoch: trainer.epoch, loss: epochLoss / n, teacherEntropy: epochEntropy / n,
                                                klDivergence: epochKL / n))
-            try trainer.save(to: checkpointURL)
             if trainer.epoch % evaluateEvery == 0 || trainer.isFinished {
                 let report = trainer.evaluate(reference: reference, test: test, linearProbe: linearProbe && trainer.isFinished)
                 evaluations.append(report)
@@ -98,6 +98,9 @@ public final class TrainingSession {
                            report.epoch, 100 * report.knn, 100 * report.knnRawPixels, 100 * report.knnRandomInit,
                            report.utilization, report.prototypes))
             }
+            // Saved after the epoch's records: a run killed before this line redoes the epoch and
+            // its records (a resume drops records past the checkpoint), one killed after it has them.
+            try trainer.save(to: checkpointURL)
             stepStart = Date(); stepsTimed = 0
             try writePlots()
         }

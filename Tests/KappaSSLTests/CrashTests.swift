@@ -1,0 +1,105 @@
+import Foundation
+import Kappa
+import KappaNN
+import KappaSSL
+import Testing
+
+/// Crash safety: a training run killed with SIGKILL at random points, half of them while a
+/// checkpoint is being written, and resumed each time, ends with the same weights and the
+/// same metrics.jsonl as an uninterrupted run, and no kill ever leaves an unreadable checkpoint.
+@Suite("Crash-safe training (SIGKILL)")
+struct CrashTests {
+    /// The DINOvMF program built beside the test bundle (`swift test` builds it).
+    static var program: URL? {
+        let url = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("DINOvMF")
+        return FileManager.default.isExecutableFile(atPath: url.path) ? url : nil
+    }
+
+    static func start(_ program: URL, output: URL, resume: Bool) throws -> Process {
+        let p = Process()
+        p.executableURL = program
+        p.arguments = ["train", "--train-count", "32", "--eval-count", "32", "--batch-size", "16", "--epochs", "3", "--warmup-epochs", "1",
+                       "--eval-every", "1", "--no-linear-probe", "--prototypes", "32", "--head-hidden", "32", "--bottleneck", "16",
+                       "--seed", "3", "--threads", "1", "--output", output.path] + (resume ? ["--resume"] : [])
+        var environment = ProcessInfo.processInfo.environment
+        environment["KAPPA_FAULT_WRITE_DELAY_MS"] = "150"   // widen each checkpoint write to about half a second
+        p.environment = environment
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        return p
+    }
+
+    static func temporaryFiles(in folder: URL) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: folder.path)) ?? []).filter { $0.hasPrefix(".checkpoint.safetensors.tmp-") }
+    }
+
+    @Test("killed at random points and resumed: identical weights and metrics, never an unreadable checkpoint",
+          .enabled(if: program != nil, "needs the DINOvMF program beside the test bundle (swift build)"))
+    func killAndResume() throws {
+        let program = try #require(Self.program)
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("kappa-crash-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let reference = root.appendingPathComponent("uninterrupted"), crashed = root.appendingPathComponent("killed")
+        try FileManager.default.createDirectory(at: crashed, withIntermediateDirectories: true)
+
+        let began = Date()
+        let straight = try Self.start(program, output: reference, resume: false)
+        straight.waitUntilExit()
+        #expect(straight.terminationStatus == 0)
+        let duration = Date().timeIntervalSince(began)
+
+        // Six runs killed (odd ones while the child writes a checkpoint, the others at a random
+        // moment of the run), each resumed from what the last one left; the seventh finishes.
+        var g = RandomGenerator(seed: 2026)
+        var kills = 0, killsDuringWrite = 0, finished = false
+        let checkpoint = crashed.appendingPathComponent("checkpoint.safetensors")
+        for attempt in 0..<7 {
+            let resume = FileManager.default.fileExists(atPath: checkpoint.path)
+            let p = try Self.start(program, output: crashed, resume: resume)
+            let ownTemporary = ".checkpoint.safetensors.tmp-\(p.processIdentifier)-"
+            let writing = { Self.temporaryFiles(in: crashed).contains { $0.hasPrefix(ownTemporary) } }
+            if attempt < 6 {
+                if attempt % 2 == 0 {
+                    usleep(UInt32(1e6 * (0.2 + g.nextUniform() * duration / 2)))
+                } else {
+                    let deadline = Date().addingTimeInterval(2 * duration)
+                    while p.isRunning && !writing() && Date() < deadline { usleep(1_000) }
+                    usleep(UInt32(g.nextInt(below: 300_000)))
+                }
+            }
+            if attempt < 6 && p.isRunning {
+                let duringWrite = writing()
+                kill(p.processIdentifier, SIGKILL)
+                p.waitUntilExit()
+                kills += 1
+                if duringWrite { killsDuringWrite += 1 }
+                if FileManager.default.fileExists(atPath: checkpoint.path) {
+                    // Whatever the moment of the kill, the checkpoint on disk reads and validates.
+                    _ = try DINOTrainer.configuration(in: checkpoint)
+                    _ = try SafeTensors.read(checkpoint)
+                }
+            } else {
+                p.waitUntilExit()
+                #expect(p.terminationStatus == 0)
+                finished = true
+                break
+            }
+        }
+        print("crash test: \(kills) SIGKILLs, \(killsDuringWrite) during a checkpoint write")
+        #expect(finished)
+        #expect(kills >= 3 && killsDuringWrite >= 1, "\(kills) kills, \(killsDuringWrite) during writes")
+
+        let a = try SafeTensors.read(reference.appendingPathComponent("checkpoint.safetensors"))
+        let b = try SafeTensors.read(checkpoint)
+        #expect(a.tensors.map(\.name) == b.tensors.map(\.name))
+        for (x, y) in zip(a.tensors, b.tensors) {
+            #expect(x.tensor.rawBytes() == y.tensor.rawBytes(), "\(x.name) differs")
+        }
+        let metricsA = try String(contentsOf: reference.appendingPathComponent("metrics.jsonl"), encoding: .utf8)
+        let metricsB = try String(contentsOf: crashed.appendingPathComponent("metrics.jsonl"), encoding: .utf8)
+        #expect(metricsA == metricsB)
+        #expect(metricsA.contains("\"evaluation\""))
+        #expect(Self.temporaryFiles(in: crashed).isEmpty)
+    }
+}
