@@ -8,6 +8,7 @@ import CBLAS
 import Foundation
 import Kappa
 import KappaNN
+import KappaSSL
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
@@ -23,10 +24,23 @@ func time(reps: Int, _ body: () -> Void) -> Double {
     return median(samples)
 }
 
+/// With KAPPA_BENCH_RESULTS=file, each workload's median seconds are appended as
+/// `name<TAB>seconds` lines (Benchmarks/peers/compare.py joins them with PyTorch's).
+let resultsPath = ProcessInfo.processInfo.environment["KAPPA_BENCH_RESULTS"]
+func record(_ workload: String, _ seconds: Double) {
+    guard let resultsPath else { return }
+    let line = "\(workload)\t\(seconds)\n"
+    if let h = FileHandle(forWritingAtPath: resultsPath) {
+        h.seekToEndOfFile(); h.write(Data(line.utf8)); try? h.close()
+    } else {
+        FileManager.default.createFile(atPath: resultsPath, contents: Data(line.utf8))
+    }
+}
+
 var rng = RandomGenerator(seed: 1)
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf vit\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf vit step memory\n")
 
 if wants("matmul") {
 
@@ -43,6 +57,8 @@ for n in [64, 256, 1024] {
                     Int32(n), 0, &pc, Int32(n))
     }
     let flop = 2 * Double(n * n * n)
+    record("matmul \(n)³", framework)
+    record("sgemm \(n)³ (bare BLAS)", bare)
     print(String(format: "  %4d³: framework %8.1f µs (%6.1f GFLOP/s), sgemm %8.1f µs (%6.1f GFLOP/s), ratio %.3f",
                  n, framework * 1e6, flop / framework * 1e-9, bare * 1e6, flop / bare * 1e-9, framework / bare))
 }
@@ -51,6 +67,7 @@ do {
     let q = Tensor.randomNormal([64, 3, 65, 64], using: &rng), k = Tensor.randomNormal([64, 3, 65, 64], using: &rng)
     let t = time(reps: 50) { _ = q.matmul(k.transposed()) }
     let flop = 2 * 192 * 65 * 65 * 64.0
+    record("matmul batched 192×65×64×65", t)
     print(String(format: "  batched 192 × (65×64 · 64×65), Kᵀ as a view: %.1f µs (%.1f GFLOP/s)", t * 1e6, flop / t * 1e-9))
 }
 
@@ -68,6 +85,16 @@ for n in [1 << 20, 1 << 24] {
     let exp = time(reps: reps) { _ = x.exp() }
     let rows = x.reshape([n / 1024, 1024])
     let soft = time(reps: reps) { _ = rows.softmax(alongAxis: 1) }
+    let xg = rows.detached().requiringGrad()
+    let gradOut = Tensor.randomNormal([n / 1024, 1024], using: &rng)
+    let softBoth = time(reps: reps) { (xg.softmax(alongAxis: 1) * gradOut).sum().backward() }
+    let lnWeight = Tensor.ones([1024]).requiringGrad(), lnBias = Tensor.zeros([1024]).requiringGrad()
+    let lnBoth = time(reps: reps) { (xg.layerNorm(weight: lnWeight, bias: lnBias, eps: 1e-6) * gradOut).sum().backward() }
+    let label = n == 1 << 20 ? "1M" : "16M"
+    for (name, t) in [("add", add), ("mul", mul), ("gelu", gelu), ("exp", exp), ("softmax", soft),
+                      ("softmax fwd+bwd", softBoth), ("layerNorm fwd+bwd", lnBoth)] { record("\(name) \(label)", t) }
+    print(String(format: "  %8d: softmax forward + backward %.2f ms, LayerNorm (rows of 1024) forward + backward %.2f ms",
+                 n, softBoth * 1e3, lnBoth * 1e3))
     print(String(format: "  %8d: add %6.1f GB/s, mul %6.1f GB/s, exp %6.1f GB/s, gelu %6.1f GB/s (%.2f ns/elem), softmax rows of 1024 %6.1f GB/s",
                  n, 3 * bytes / add * 1e-9, 3 * bytes / mul * 1e-9, 2 * bytes / exp * 1e-9, 2 * bytes / gelu * 1e-9,
                  gelu / Double(n) * 1e9, 2 * bytes / soft * 1e-9))
@@ -89,6 +116,8 @@ do {
         for i in 0..<1000 { y = i % 2 == 0 ? y * 1.0001 : y + 0.5 }
         y.sum().backward()
     }
+    record("per-op overhead forward (per op)", t / 1000)
+    record("per-op overhead forward+backward (per op)", tb / 1000)
     print(String(format: "  forward %.2f µs/op, forward + backward %.2f µs/op", t * 1e3, tb * 1e3))
 }
 }
@@ -112,6 +141,8 @@ if wants("vmf") {
     for (name, mode) in [("approximate", VMFNormalizerApproximation.largeOrder), ("exact", .exact)] {
         let forward = time(reps: 50) { _ = kappa.vmfLogNormalizer(dimension: 256, approximation: mode) }
         let both = time(reps: 50) { kappa.vmfLogNormalizer(dimension: 256, approximation: mode).sum().backward() }
+        record("vMF log C_p \(name) fwd (65,536 κ)", forward)
+        record("vMF log C_p \(name) fwd+bwd (65,536 κ)", both)
         print(String(format: "  %@: forward %.3f ms (%.1f ns/value), forward + backward %.3f ms",
                      name, forward * 1e3, forward / 65536 * 1e9, both * 1e3))
     }
@@ -136,6 +167,52 @@ if wants("vit") {
         }
         print(String(format: "  %@: %.1f ms per step (batch %d, 2 global + %d local crops)", name, t * 1e3, batch, locals))
     }
+}
+
+if wants("step") {
+    print("\nReference training steps of BENCHMARKS.md (teacher, student fwd+bwd, DINO-vMF loss, clipping, AdamW, EMA), median of 5 after 1 warm-up")
+    for w in [ReferenceStep.Workload.refMicro, .refTiny] {
+        let step = ReferenceStep(w)
+        let t = time(reps: 5) { step.step() }
+        record("\(w.name) training step", t)
+        record("\(w.name) peak resident MB", Double(peakResidentBytes()) / 1_048_576)
+        print(String(format: "  %@: %.1f ms per step, %.0f images/s, peak resident %.0f MB", w.name, t * 1e3, Double(w.batch) / t,
+                     Double(peakResidentBytes()) / 1_048_576))
+    }
+}
+
+if wants("memory") {
+    // Memory flatness: 2,000 ref-micro steps; resident memory after warm-up must not grow.
+    let steps = Int(ProcessInfo.processInfo.environment["KAPPA_MEMORY_STEPS"] ?? "") ?? 2000
+    print("\nResident memory over \(steps) ref-micro training steps")
+    let step = ReferenceStep(.refMicro)
+    var samples: [(Int, Double)] = []
+    let start = Date()
+    for i in 1...steps {
+        step.step()
+        if i == 1 || i % (steps / 10) == 0 {
+            samples.append((i, Double(residentBytes()) / 1_048_576))
+            print(String(format: "  step %5d: resident %.1f MB (%.0f s)", i, samples.last!.1, Date().timeIntervalSince(start)))
+        }
+    }
+    let afterWarmup = samples.filter { $0.0 >= steps / 10 }.map(\.1)
+    print(String(format: "  after warm-up (step %d on): min %.1f MB, max %.1f MB, growth %.1f MB; buffer pool %d hits, %d misses",
+                 steps / 10, afterWarmup.min()!, afterWarmup.max()!, afterWarmup.last! - afterWarmup.first!,
+                 BufferPool.shared.hits, BufferPool.shared.misses))
+}
+
+/// Current resident set size (VmRSS of /proc/self/status).
+func residentBytes() -> Int {
+    guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+    return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+}
+
+/// Peak resident set size so far (getrusage).
+func peakResidentBytes() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return usage.ru_maxrss * 1024
 }
 
 extension Tensor {

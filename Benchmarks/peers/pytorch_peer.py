@@ -1,0 +1,216 @@
+"""PyTorch (eager, CPU) peer of Kappa's benchmarks: the same workloads as KappaBench
+(BENCHMARKS.md), written for this comparison. Prints `name<TAB>seconds` lines (medians)
+to the file given as the first argument. Run through compare.sh, which sets the threads.
+
+The training step mirrors KappaSSL's ReferenceStep: a DINO ViT (patch embedding, [CLS],
+learned positional embedding interpolated bicubically for the local crops, pre-norm blocks
+with fused qkv, final LayerNorm), a DINO head (3 linear layers with GELU, L2 normalization,
+a weight-normalized last layer with learnable g), the DINO-vMF loss (vMF logits with the
+large-order normalizer, probability centering), per-parameter clipping at 3.0, AdamW and
+the EMA teacher.
+"""
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def median_time(fn, reps):
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, int(d * mlp_ratio))
+        self.fc2 = nn.Linear(int(d * mlp_ratio), d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.heads
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q * (d // h) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, image, patch, channels, width, depth, heads):
+        super().__init__()
+        self.patch, self.grid = patch, image // patch
+        self.embed = nn.Conv2d(channels, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 1 + self.grid ** 2, width) * 0.02)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def position(self, g):
+        if g == self.grid:
+            return self.pos
+        grid = self.pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)], dim=1)
+
+    def forward(self, x):
+        b = x.shape[0]
+        x = self.embed(x)
+        g = x.shape[-1]
+        x = torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + self.position(g)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+
+class Head(nn.Module):
+    def __init__(self, d, hidden, bottleneck, prototypes):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.v = nn.Parameter(torch.randn(prototypes, bottleneck) * 0.02)
+        self.g = nn.Parameter(torch.ones(prototypes))
+
+    def forward(self, x):
+        y = F.normalize(self.mlp(x), dim=-1)
+        return (y @ F.normalize(self.v, dim=-1).t()) * self.g, self.g.abs()
+
+
+def log_cp_approx(kappa, p):
+    nu = p / 2 - 1
+    s = torch.sqrt(nu * nu + kappa * kappa)
+    return nu * torch.log(nu + s) - s + 0.25 * torch.log(nu * nu + kappa * kappa)
+
+
+class Step:
+    def __init__(self, image, patch, channels, width, depth, heads, batch, global_size, local_size, locals_,
+                 hidden, bottleneck, prototypes):
+        torch.manual_seed(0)
+        self.student = ViT(image, patch, channels, width, depth, heads)
+        self.s_head = Head(width, hidden, bottleneck, prototypes)
+        self.teacher, self.t_head = copy.deepcopy(self.student), copy.deepcopy(self.s_head)
+        for q in list(self.teacher.parameters()) + list(self.t_head.parameters()):
+            q.requires_grad_(False)
+        params = list(self.student.named_parameters()) + list(self.s_head.named_parameters())
+        decay = [q for n, q in params if q.ndim > 1]
+        no_decay = [q for n, q in params if q.ndim <= 1]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.04}, {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=5e-4)
+        self.center = torch.full((prototypes,), 1.0 / prototypes)
+        self.batch, self.p = batch, bottleneck
+        self.globals = torch.randn(2 * batch, channels, global_size, global_size)
+        self.locals = torch.randn(locals_ * batch, channels, local_size, local_size)
+
+    def logits(self, dots, norms, tau):
+        return dots / tau + log_cp_approx(norms / tau, self.p)
+
+    def __call__(self):
+        b = self.batch
+        with torch.no_grad():
+            t_dots, t_norms = self.t_head(self.teacher(self.globals))
+            t_logits = self.logits(t_dots, t_norms, 0.04)
+            targets = F.softmax(t_logits - torch.log(self.center), dim=-1).chunk(2)
+            q = F.softmax(t_logits, dim=-1).mean(0)
+        g_dots, norms = self.s_head(self.student(self.globals))
+        l_dots, _ = self.s_head(self.student(self.locals))
+        logp = [F.log_softmax(self.logits(d, norms, 0.1), dim=-1) for d in list(g_dots.chunk(2)) + list(l_dots.chunk(l_dots.shape[0] // b))]
+        total, pairs = 0.0, 0
+        for iq, target in enumerate(targets):
+            for v, lp in enumerate(logp):
+                if v != iq:
+                    total = total + (-(target * lp).sum(-1).mean())
+                    pairs += 1
+        loss = total / pairs
+        self.center = self.center * 0.9 + q * 0.1
+        self.opt.zero_grad()
+        loss.backward()
+        for m in (self.student, self.s_head):
+            for q_ in m.parameters():
+                if q_.grad is not None:
+                    n = q_.grad.norm()
+                    if n > 3.0:
+                        q_.grad.mul_(3.0 / (n + 1e-6))
+        self.opt.step()
+        with torch.no_grad():
+            for s_, t_ in zip(list(self.student.parameters()) + list(self.s_head.parameters()),
+                              list(self.teacher.parameters()) + list(self.t_head.parameters())):
+                t_.mul_(0.996).add_(s_.detach(), alpha=0.004)
+        return loss.item()
+
+
+def main():
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    out = open(sys.argv[1], "a")
+    sections = set(sys.argv[2:])
+
+    def record(name, seconds):
+        out.write(f"{name}\t{seconds}\n")
+        out.flush()
+
+    def wants(s):
+        return not sections or s in sections
+
+    if wants("matmul"):
+        for n in (64, 256, 1024):
+            a = torch.randn(n, n, requires_grad=True)
+            b_ = torch.randn(n, n)
+            record(f"matmul {n}³", median_time(lambda: a @ b_, 15 if n >= 1024 else 200))
+        q, k = torch.randn(64, 3, 65, 64), torch.randn(64, 3, 65, 64)
+        record("matmul batched 192×65×64×65", median_time(lambda: q @ k.transpose(-2, -1), 50))
+    if wants("elementwise"):
+        for n, label in ((1 << 20, "1M"), (1 << 24, "16M")):
+            x, y = torch.randn(n), torch.randn(n)
+            reps = 10 if n > 1 << 20 else 100
+            rows = x.reshape(n // 1024, 1024)
+            record(f"add {label}", median_time(lambda: x + y, reps))
+            record(f"mul {label}", median_time(lambda: x * y, reps))
+            record(f"gelu {label}", median_time(lambda: F.gelu(x), reps))
+            record(f"exp {label}", median_time(lambda: torch.exp(x), reps))
+            record(f"softmax {label}", median_time(lambda: rows.softmax(1), reps))
+            xg = rows.clone().requires_grad_(True)
+            go = torch.randn(n // 1024, 1024)
+            record(f"softmax fwd+bwd {label}", median_time(lambda: (xg.softmax(1) * go).sum().backward(), reps))
+            w, bias = torch.ones(1024, requires_grad=True), torch.zeros(1024, requires_grad=True)
+            record(f"layerNorm fwd+bwd {label}",
+                   median_time(lambda: (F.layer_norm(xg, (1024,), w, bias, 1e-6) * go).sum().backward(), reps))
+    if wants("overhead"):
+        x = torch.randn(16, requires_grad=True)
+
+        def chain(backward):
+            y = x
+            for i in range(1000):
+                y = y * 1.0001 if i % 2 == 0 else y + 0.5
+            if backward:
+                y.sum().backward()
+        record("per-op overhead forward (per op)", median_time(lambda: chain(False), 20) / 1000)
+        record("per-op overhead forward+backward (per op)", median_time(lambda: chain(True), 20) / 1000)
+    if wants("vmf"):
+        kappa = (10 ** torch.empty(65536).uniform_(-2, 4)).requires_grad_(True)
+        record("vMF log C_p approximate fwd (65,536 κ)", median_time(lambda: log_cp_approx(kappa, 256), 50))
+        record("vMF log C_p approximate fwd+bwd (65,536 κ)", median_time(lambda: log_cp_approx(kappa, 256).sum().backward(), 50))
+    if wants("step"):
+        for name, args in (("ref-micro", (28, 7, 1, 64, 4, 4, 32, 28, 14, 4, 256, 64, 512)),
+                           ("ref-tiny", (32, 4, 3, 192, 6, 3, 64, 32, 16, 6, 1024, 256, 4096))):
+            step = Step(*args)
+            record(f"{name} training step", median_time(step, 5))
+            record(f"{name} peak resident MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+if __name__ == "__main__":
+    main()
