@@ -104,7 +104,7 @@ enum ReLU: UnaryFunction {
 /// ``fastNormalCDF(_:)`` (relative error within 5·10⁻⁶ for |x| ≤ 5 and 5·10⁻⁵ further
 /// into the lower tail, tested against the Double form).
 enum GELU: UnaryFunction {
-    static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T {
+    @inline(__always) static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T {
         if T.self == Float.self {
             let f = unsafeBitCast(x, to: Float.self)
             return unsafeBitCast(f * fastNormalCDF(f), to: T.self)
@@ -112,7 +112,7 @@ enum GELU: UnaryFunction {
         // Φ(x) = erfc(−x/√2)/2: (1 + erf(x/√2))/2 would cancel in the lower tail.
         return x * T.erfc(-x * T(0.70710678118654752440)) / 2
     }
-    static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T {
+    @inline(__always) static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T {
         if T.self == Float.self {
             let f = unsafeBitCast(x, to: Float.self)
             return unsafeBitCast(fastNormalCDF(f) + f * fastNormalPDF(f), to: T.self)

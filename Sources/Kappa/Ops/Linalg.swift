@@ -1,3 +1,4 @@
+import Dispatch
 import CBLAS
 
 // Matrix products. Every product goes to cblas_sgemm/cblas_dgemm; a transposed view is
@@ -131,12 +132,27 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
         gemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
         return
     }
-    var c = 0
+    var offsets: [(a: Int, b: Int)] = []
+    offsets.reserveCapacity(batchCount)
     forEachRun(batch, [aBatchStrides, bBatchStrides]) { off, step, runs in
-        for i in 0..<runs {
-            gemm(opA.transpose, opB.transpose, m, n, k, pa + off[0] + i * step[0], opA.ld,
-                 pb + off[1] + i * step[1], opB.ld, pc + c * m * n, n)
-            c += 1
+        for i in 0..<runs { offsets.append((off[0] + i * step[0], off[1] + i * step[1])) }
+    }
+    // Many small products (attention: 192 of 65×64×65) cost more in OpenBLAS's thread
+    // hand-offs than in arithmetic: run them single-threaded in BLAS, spread over the cores.
+    let cores = Parallel.cores
+    let small = m * n * k <= 1 << 20
+    let chunks = small ? Swift.min(cores, batchCount) : 1
+    if chunks > 1 {
+        openblas_set_num_threads(1)
+        defer { openblas_set_num_threads(Int32(cores)) }
+        DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
+            for c in (batchCount * chunk / chunks)..<(batchCount * (chunk + 1) / chunks) {
+                gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n)
+            }
+        }
+    } else {
+        for (c, o) in offsets.enumerated() {
+            gemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n)
         }
     }
 }
