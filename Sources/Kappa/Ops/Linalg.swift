@@ -139,12 +139,14 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     }
     // Many small products (attention: 192 of 65×64×65) cost more in OpenBLAS's thread
     // hand-offs than in arithmetic: run them single-threaded in BLAS, spread over the cores.
-    let cores = Parallel.cores
-    let small = m * n * k <= 1 << 20
-    let chunks = small ? Swift.min(cores, batchCount) : 1
+    // Below 2¹⁸ multiply-adds OpenBLAS computes a product on one thread anyway; up to 2²⁰
+    // it is told to, for the duration; tiny batches stay on the calling thread.
+    let cores = Parallel.cores, work = m * n * k
+    let chunks = work <= 1 << 20 && batchCount * work >= 1 << 18 ? Swift.min(cores, batchCount) : 1
     if chunks > 1 {
-        openblas_set_num_threads(1)
-        defer { openblas_set_num_threads(Int32(cores)) }
+        let pinned = work > 1 << 18
+        if pinned { openblas_set_num_threads(1) }
+        defer { if pinned { openblas_set_num_threads(Int32(cores)) } }
         DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
             for c in (batchCount * chunk / chunks)..<(batchCount * (chunk + 1) / chunks) {
                 gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n)
