@@ -53,12 +53,29 @@ public enum DatasetFiles {
         throw DatasetError(path: path, problem: "unknown dataset format (expected IDX, CIFAR-10 .bin or .npy)")
     }
 
-    /// Reads a file, inflating it when it is gzip-compressed.
+    /// Reads a file, inflating it when it is gzip-compressed. POSIX reads, with the size
+    /// checked before anything is allocated (and without a leak Foundation's
+    /// `FileManager.contents(atPath:)` showed under AddressSanitizer on malformed files).
     static func readBytes(_ path: String) throws -> [UInt8] {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw DatasetError(path: path, problem: "cannot be read")
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { throw DatasetError(path: path, problem: "cannot be read (\(String(cString: strerror(errno))))") }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else {
+            throw DatasetError(path: path, problem: "is not a regular file")
         }
-        let bytes = [UInt8](data)
+        let size = Int(info.st_size)
+        guard size <= maxBytes else { throw DatasetError(path: path, problem: "is \(size) bytes, more than the \(maxBytes) accepted") }
+        var bytes = [UInt8](repeating: 0, count: size)
+        var done = 0
+        try bytes.withUnsafeMutableBytes { raw in
+            while done < size {
+                let n = read(fd, raw.baseAddress! + done, size - done)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { throw DatasetError(path: path, problem: "could not be read to its end (\(done) of \(size) bytes)") }
+                done += n
+            }
+        }
         guard bytes.count >= 2, bytes[0] == 0x1F, bytes[1] == 0x8B else { return bytes }
         return try gunzip(bytes, path: path)
     }

