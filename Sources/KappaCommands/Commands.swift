@@ -41,6 +41,7 @@ public struct ModelOptions: ParsableArguments {
         var isVMF: Bool { self == .dinoVMF || self == .ibotVMF }
     }
     enum CenteringChoice: String, ExpressibleByArgument, CaseIterable { case probability, logit, sinkhorn }
+    enum AugmentationChoice: String, ExpressibleByArgument, CaseIterable { case small, dino }
     enum Backbone: String, ExpressibleByArgument, CaseIterable { case vitMicro = "vit-micro", vitTiny = "vit-tiny", vitSmall = "vit-small", resnet }
 
     @Option(help: "dino-vmf: learned prototype norms, vMF-normalized logits, probability centering; dino: normalized prototypes, plain logits, logit centering; ibot-vmf / ibot: the same plus masked patch prediction (ViT only). The three switches below override single parts (the paper's ablation).")
@@ -95,14 +96,20 @@ public struct ModelOptions: ParsableArguments {
     var clipGrad = 3.0
     @Option(help: "Epochs during which the last layer's gradient is dropped.")
     var freezeLastLayer = 1
+    @Option(help: "Views: small (global crops of 80–100% of the image, local 30–80%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges.")
+    var augmentation: AugmentationChoice = .small
     @Option(help: "Local crops per image.")
     var localCrops = 4
-    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). DINO: 0.4.")
-    var globalCropMin = 0.4
+    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.8; DINO: 0.4.")
+    var globalCropMin: Double?
     @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. On data where foreground polarity is a nuisance shared by both views (the built-in shapes) it removes that shortcut.")
     var invertProbability = 0.0
-    @Option(help: "Smallest area share of a local crop. DINO: 0.05; on 28-pixel images that is a 6-pixel patch that may miss the object.")
-    var localCropMin = 0.05
+    @Option(help: "Smallest area share of a local crop. small: 0.3; DINO: 0.05 (on 28-pixel images a 6-pixel patch that may miss the object).")
+    var localCropMin: Double?
+
+    var cropScales: (global: Double, local: Double) {
+        (globalCropMin ?? (augmentation == .small ? 0.8 : 0.4), localCropMin ?? (augmentation == .small ? 0.3 : 0.05))
+    }
 
     @Option(help: "iBOT: weight λ₂ of the masked-patch term (λ₁ = 1).")
     var patchWeight = 1.0
@@ -127,7 +134,7 @@ public struct ModelOptions: ParsableArguments {
             throw ValidationError("learning rates and temperatures must be positive")
         }
         guard (0...1).contains(teacherMomentum), (0...1).contains(centerMomentum), (0...1).contains(maskProbability),
-              (0...1).contains(invertProbability), 0 < localCropMin, localCropMin <= globalCropMin, globalCropMin <= 1,
+              (0...1).contains(invertProbability), 0 < cropScales.local, cropScales.local <= cropScales.global, cropScales.global <= 1,
               0 <= maskRatioMin, maskRatioMin <= maskRatioMax, maskRatioMax < 1 else {
             throw ValidationError("momenta and probabilities must lie in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
         }
@@ -176,12 +183,13 @@ public struct ModelOptions: ParsableArguments {
             settings.masking = BlockMasking(ratio: maskRatioMin...maskRatioMax, probability: maskProbability)
             c.ibot = settings
         }
+        c.augmentation = augmentation == .small ? .smallImages : .dino
         c.augmentation.globalSize = imageSize
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
         c.augmentation.invertProbability = invertProbability
-        c.augmentation.globalScale = globalCropMin...1
-        c.augmentation.localScale = localCropMin...globalCropMin
+        c.augmentation.globalScale = cropScales.global...1
+        c.augmentation.localScale = cropScales.local...cropScales.global
         c.seed = seed
         return c
     }

@@ -48,7 +48,9 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     /// Decay the prototype scale g as DINO's parameter groups do.
     public var decayPrototypeScale = true
     public var loss = DINOLossConfiguration()
-    public var augmentation = MultiCropAugmentation()
+    /// Small-image views by default (``MultiCropAugmentation/smallImages``); DINO's are
+    /// ``MultiCropAugmentation/dino``.
+    public var augmentation = MultiCropAugmentation.smallImages
     public var epochs = 20
     public var batchSize = 64
     /// lr = baseLearningRate · batch/256 after warmup, cosine to ``minLearningRate``.
@@ -67,7 +69,6 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
         loss.dimension = bottleneck
         loss.teacherTemperature = 0.04
         loss.warmupTeacherTemperature = 0.04
-        augmentation.blurSigma = 0.1...1.0
     }
 
     /// DINO as published: normalized prototypes, no vMF term, logit centering.
