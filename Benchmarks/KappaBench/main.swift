@@ -176,8 +176,9 @@ if wants("step") {
         let t = time(reps: 5) { step.step() }
         record("\(w.name) training step", t)
         record("\(w.name) peak resident MB", Double(peakResidentBytes()) / 1_048_576)
-        print(String(format: "  %@: %.1f ms per step, %.0f images/s, peak resident %.0f MB", w.name, t * 1e3, Double(w.batch) / t,
-                     Double(peakResidentBytes()) / 1_048_576))
+        let work = w.name == "ref-tiny" ? 301.0 : 2.7  // GFLOP per step (BENCHMARKS.md)
+        print(String(format: "  %@: %.1f ms per step, %.0f images/s, %.1f GFLOP/s, peak resident %.0f MB", w.name, t * 1e3,
+                     Double(w.batch) / t, work / t, Double(peakResidentBytes()) / 1_048_576))
     }
 }
 
