@@ -33,7 +33,7 @@ func record(_ workload: String, _ seconds: Double) {
     if let h = FileHandle(forWritingAtPath: resultsPath) {
         h.seekToEndOfFile(); h.write(Data(line.utf8)); try? h.close()
     } else {
-        FileManager.default.createFile(atPath: resultsPath, contents: Data(line.utf8))
+        if !FileManager.default.createFile(atPath: resultsPath, contents: Data(line.utf8)) { print("cannot write \(resultsPath)") }
     }
 }
 
@@ -175,10 +175,10 @@ if wants("step") {
         let step = ReferenceStep(w)
         let t = time(reps: 5) { step.step() }
         record("\(w.name) training step", t)
-        record("\(w.name) peak resident MB", Double(peakResidentBytes()) / 1_048_576)
+        record("\(w.name) peak resident MB", Double(ProcessMemory.peakResidentBytes) / 1_048_576)
         let work = w.name == "ref-tiny" ? 301.0 : 2.7  // GFLOP per step (BENCHMARKS.md)
         print(String(format: "  %@: %.1f ms per step, %.0f images/s, %.1f GFLOP/s, peak resident %.0f MB", w.name, t * 1e3,
-                     Double(w.batch) / t, work / t, Double(peakResidentBytes()) / 1_048_576))
+                     Double(w.batch) / t, work / t, Double(ProcessMemory.peakResidentBytes) / 1_048_576))
     }
 }
 
@@ -192,7 +192,7 @@ if wants("memory") {
     for i in 1...steps {
         step.step()
         if i == 1 || i % (steps / 10) == 0 {
-            samples.append((i, Double(residentBytes()) / 1_048_576))
+            samples.append((i, Double(ProcessMemory.residentBytes) / 1_048_576))
             print(String(format: "  step %5d: resident %.1f MB (%.0f s)", i, samples.last!.1, Date().timeIntervalSince(start)))
         }
     }
@@ -200,20 +200,6 @@ if wants("memory") {
     print(String(format: "  after warm-up (step %d on): min %.1f MB, max %.1f MB, growth %.1f MB; buffer pool %d hits, %d misses",
                  steps / 10, afterWarmup.min()!, afterWarmup.max()!, afterWarmup.last! - afterWarmup.first!,
                  BufferPool.shared.hits, BufferPool.shared.misses))
-}
-
-/// Current resident set size (VmRSS of /proc/self/status).
-func residentBytes() -> Int {
-    guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-          let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
-    return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
-}
-
-/// Peak resident set size so far (getrusage).
-func peakResidentBytes() -> Int {
-    var usage = rusage()
-    getrusage(RUSAGE_SELF.rawValue, &usage)
-    return usage.ru_maxrss * 1024
 }
 
 extension Tensor {

@@ -86,3 +86,20 @@ public final class BufferPool: @unchecked Sendable {
         for (_, list) in all { for p in list { p.deallocate() } }
     }
 }
+
+/// The process's memory as the kernel reports it, for benchmarks and memory checks.
+public enum ProcessMemory {
+    /// Resident set size now (VmRSS of /proc/self/status), in bytes; 0 where unavailable.
+    public static var residentBytes: Int {
+        guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }) else { return 0 }
+        return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
+    }
+
+    /// Peak resident set size so far (getrusage), in bytes.
+    public static var peakResidentBytes: Int {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return usage.ru_maxrss * 1024
+    }
+}

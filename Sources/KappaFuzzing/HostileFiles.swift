@@ -38,12 +38,8 @@ public enum HostileFiles {
         }
     }
 
-    /// Peak resident memory of this process so far (getrusage), in bytes.
-    public static var peakResidentBytes: Int {
-        var usage = rusage()
-        getrusage(RUSAGE_SELF.rawValue, &usage)
-        return usage.ru_maxrss * 1024
-    }
+    /// Peak resident memory of this process so far, in bytes.
+    public static var peakResidentBytes: Int { ProcessMemory.peakResidentBytes }
 
     /// A mutant of `bytes`: one to three of the mutations below.
     public static func mutate(_ bytes: [UInt8], using g: inout RandomGenerator) -> [UInt8] {
@@ -99,7 +95,10 @@ public enum HostileFiles {
         let path = directory.appendingPathComponent(reader.fileName).path
         for i in 0..<iterations {
             let mutant = mutate(reader.seeds[i % reader.seeds.count], using: &g)
-            FileManager.default.createFile(atPath: path, contents: Data(mutant))
+            do { try Data(mutant).write(to: URL(fileURLWithPath: path)) } catch {
+                outcome.failures.append("mutant \(i): could not be written: \(error)")
+                continue
+            }
             let start = Date()
             do {
                 try reader.read(path)
@@ -144,7 +143,12 @@ public enum HostileFiles {
         let dims = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var header = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(dims), }"
         while (10 + header.utf8.count + 1) % 64 != 0 { header += " " }
-        header += "\n"
+        return npyFile(header: header + "\n", payload: payload)
+    }
+
+    /// A version-1 `.npy` file around a header text, as written (no checks: tests feed it
+    /// malformed headers).
+    public static func npyFile(header: String, payload: [UInt8] = []) -> [UInt8] {
         let len = header.utf8.count
         return [0x93] + Array("NUMPY".utf8) + [1, 0, UInt8(len & 0xFF), UInt8(len >> 8)] + Array(header.utf8) + payload
     }
@@ -163,7 +167,7 @@ public enum HostileFiles {
         idxLabels += be32(6)
         idxLabels += labels
         let imagesPath = directory.appendingPathComponent("fixed-images-idx3-ubyte").path
-        FileManager.default.createFile(atPath: imagesPath, contents: Data(idxImages))
+        try Data(idxImages).write(to: URL(fileURLWithPath: imagesPath))
 
         var cifar: [UInt8] = []
         for r in 0..<3 {
@@ -173,7 +177,7 @@ public enum HostileFiles {
         let rgb: [Float] = (0..<(4 * 8 * 8 * 3)).map { (i: Int) -> Float in Float(i % 17) / 16 }
         let rgbBytes = rgb.flatMap { withUnsafeBytes(of: $0.bitPattern.littleEndian, Array.init) }
         let npyImagesPath = directory.appendingPathComponent("fixed-images.npy").path
-        FileManager.default.createFile(atPath: npyImagesPath, contents: Data(npy(descr: "|u1", shape: [6, 12, 12], payload: pixels)))
+        try Data(npy(descr: "|u1", shape: [6, 12, 12], payload: pixels)).write(to: URL(fileURLWithPath: npyImagesPath))
         let labelBytes = shapes.labels!.flatMap { withUnsafeBytes(of: Int64($0).littleEndian, Array.init) }
 
         var g = RandomGenerator(seed: 9)

@@ -37,26 +37,23 @@ struct HostileFileTests {
     func declaredSizes() throws {
         let directory = try Self.temporaryDirectory()
         defer { try? FileManager.default.removeItem(at: directory) }
-        func write(_ name: String, _ bytes: [UInt8]) -> String {
-            let path = directory.appendingPathComponent(name).path
-            FileManager.default.createFile(atPath: path, contents: Data(bytes))
-            return path
+        func write(_ name: String, _ bytes: [UInt8]) throws -> String {
+            let url = directory.appendingPathComponent(name)
+            try Data(bytes).write(to: url)
+            return url.path
         }
-        func header(_ text: String) -> [UInt8] {
-            let len = text.utf8.count
-            return [0x93] + Array("NUMPY".utf8) + [1, 0, UInt8(len & 0xFF), UInt8(len >> 8)] + Array(text.utf8)
-        }
+        let header = { (text: String) in HostileFiles.npyFile(header: text) }
         let before = HostileFiles.peakResidentBytes
         let cases: [(String, () throws -> Void)] = [
-            ("big-images-idx3-ubyte", { _ = try DatasetFiles.idx(images: write("big-images-idx3-ubyte", [0, 0, 8, 3, 0x7F, 0xFF, 0xFF, 0xFF, 0, 0, 0x10, 0, 0, 0, 0x10, 0]), labels: nil) }),
-            ("huge.npy", { _ = try DatasetFiles.npy(images: write("huge.npy", header("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999, 9), }\n")), labels: nil) }),
-            ("negative.npy", { _ = try DatasetFiles.npy(images: write("negative.npy", header("{'descr': '|u1', 'fortran_order': False, 'shape': (-1, 28, 28), }\n")), labels: nil) }),
-            ("huge.safetensors", { _ = try SafeTensors.read(URL(fileURLWithPath: write("huge.safetensors", [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F] + Array("{}".utf8)))) }),
+            ("big-images-idx3-ubyte", { _ = try DatasetFiles.idx(images: try write("big-images-idx3-ubyte", [0, 0, 8, 3, 0x7F, 0xFF, 0xFF, 0xFF, 0, 0, 0x10, 0, 0, 0, 0x10, 0]), labels: nil) }),
+            ("huge.npy", { _ = try DatasetFiles.npy(images: try write("huge.npy", header("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999, 99999, 9), }\n")), labels: nil) }),
+            ("negative.npy", { _ = try DatasetFiles.npy(images: try write("negative.npy", header("{'descr': '|u1', 'fortran_order': False, 'shape': (-1, 28, 28), }\n")), labels: nil) }),
+            ("huge.safetensors", { _ = try SafeTensors.read(URL(fileURLWithPath: try write("huge.safetensors", [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F] + Array("{}".utf8)))) }),
             ("shape.safetensors", {
                 let json = #"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,16]}}"#
                 let len = json.utf8.count
                 let bytes = (0..<8).map { UInt8(truncatingIfNeeded: len >> (8 * $0)) } + Array(json.utf8) + [UInt8](repeating: 0, count: 16)
-                _ = try SafeTensors.read(URL(fileURLWithPath: write("shape.safetensors", bytes)))
+                _ = try SafeTensors.read(URL(fileURLWithPath: try write("shape.safetensors", bytes)))
             }),
         ]
         for (name, read) in cases {
