@@ -186,21 +186,42 @@ struct TensorTests {
         #expect(a.to(.float32).matmul(b.to(.float32)).scalars(as: Float.self) == [58, 64, 139, 154])
     }
 
-    @Test func convolutionMatchesDirectSum() {
-        let x = randn([2, 3, 7, 6], seed: 3), w = randn([4, 3, 3, 2], seed: 4), bias = randn([4], seed: 5)
-        let y = x.conv2d(weight: w, bias: bias, stride: Size2(2, 1), padding: Size2(1, 2), dilation: Size2(1, 2))
-        let (oh, ow) = ((7 + 2 - 2 - 1) / 2 + 1, (6 + 4 - 2 - 1) / 1 + 1)
+    /// Geometries that reach every branch of im2col/col2im: strides 1–3 on either axis,
+    /// padding wider than the kernel's reach (whole rows and columns outside), dilation.
+    static let convGeometries: [(kernel: Size2, stride: Size2, padding: Size2, dilation: Size2)] = [
+        (Size2(3, 2), Size2(2, 1), Size2(1, 2), Size2(1, 2)),
+        (Size2(3, 3), Size2(1, 1), Size2(1, 1), Size2(1, 1)),
+        (Size2(1, 1), Size2(2, 2), Size2(0, 0), Size2(1, 1)),
+        (Size2(2, 3), Size2(3, 2), Size2(3, 4), Size2(2, 1)),
+        (Size2(3, 1), Size2(1, 3), Size2(2, 0), Size2(2, 1)),
+    ]
+
+    @Test(arguments: convGeometries.indices) func convolutionMatchesDirectSum(geometry: Int) {
+        let (k, st, pd, dl) = Self.convGeometries[geometry]
+        let (h, w) = (7, 6)
+        let x = randn([2, 3, h, w], seed: 3), wt = randn([4, 3, k.height, k.width], seed: 4), bias = randn([4], seed: 5)
+        let y = x.conv2d(weight: wt, bias: bias, stride: st, padding: pd, dilation: dl)
+        let oh = (h + 2 * pd.height - dl.height * (k.height - 1) - 1) / st.height + 1
+        let ow = (w + 2 * pd.width - dl.width * (k.width - 1) - 1) / st.width + 1
         #expect(y.shape == [2, 4, oh, ow])
         var worst = 0.0
         for n in 0..<2 { for o in 0..<4 { for i in 0..<oh { for j in 0..<ow {
             var s = bias[element: [o]]
-            for c in 0..<3 { for ki in 0..<3 { for kj in 0..<2 {
-                let iy = i * 2 - 1 + ki, ix = j - 2 + kj * 2
-                if iy >= 0 && iy < 7 && ix >= 0 && ix < 6 { s += w[element: [o, c, ki, kj]] * x[element: [n, c, iy, ix]] }
+            for c in 0..<3 { for ki in 0..<k.height { for kj in 0..<k.width {
+                let iy = i * st.height - pd.height + ki * dl.height, ix = j * st.width - pd.width + kj * dl.width
+                if iy >= 0 && iy < h && ix >= 0 && ix < w { s += wt[element: [o, c, ki, kj]] * x[element: [n, c, iy, ix]] }
             } } }
             worst = Swift.max(worst, Swift.abs(s - y[element: [n, o, i, j]]))
         } } } }
         #expect(worst < 1e-12)
+        // The input gradient goes through col2im, the adjoint: ⟨conv(x), g⟩ = ⟨x, ∂/∂x⟩ (no bias).
+        let xv = x.detached()
+        xv.requiresGrad = true
+        let g = randn(y.shape, seed: 6)
+        let plain = xv.conv2d(weight: wt, stride: st, padding: pd, dilation: dl)
+        (plain * g).sum().backward()
+        let lhs = (plain.detached() * g).sum().item(), rhs = (x * xv.grad!).sum().item()
+        #expect(Swift.abs(lhs - rhs) < 1e-10 * Swift.max(1, Swift.abs(lhs)))
     }
 
     @Test func poolingAndResizeValues() {

@@ -192,24 +192,42 @@ struct ConvGeometry {
     var colCols: Int { oh * ow }
 }
 
+/// The output columns x whose input column x·sw − pw + j·dw lies inside the image: x in
+/// lower..<upper (empty when lower ≥ upper).
+@inline(__always)
+private func validColumns(_ g: ConvGeometry, _ j: Int) -> (lower: Int, upper: Int) {
+    let offset = g.pw - j * g.dw                       // ix = x·sw − offset
+    let lower = offset <= 0 ? 0 : (offset + g.sw - 1) / g.sw
+    let last = g.w - 1 + offset                        // ix ≤ w − 1  ⇔  x ≤ last / sw
+    let upper = last < 0 ? 0 : Swift.min(g.ow, last / g.sw + 1)
+    return (Swift.min(lower, g.ow), upper)
+}
+
 /// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside);
-/// rows of `cols` are `rowStride` apart (the columns of a whole batch side by side).
+/// rows of `cols` are `rowStride` apart (the columns of a whole batch side by side). The
+/// inside columns of each row are found once, so the inner loop has no bounds test (a plain
+/// copy at stride 1).
 private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
     for ci in 0..<g.c {
         for i in 0..<g.kh {
             for j in 0..<g.kw {
                 let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
+                let (lower, upper) = validColumns(g, j)
+                let first = lower * g.sw - g.pw + j * g.dw
                 for y in 0..<g.oh {
                     let iy = y * g.sh - g.ph + i * g.dh
                     let dst = row + y * g.ow
-                    if iy < 0 || iy >= g.h {
-                        for x in 0..<g.ow { dst[x] = 0 }
+                    if iy < 0 || iy >= g.h || lower >= upper {
+                        dst.update(repeating: 0, count: g.ow)
                         continue
                     }
-                    let src = img + (ci * g.h + iy) * g.w
-                    for x in 0..<g.ow {
-                        let ix = x * g.sw - g.pw + j * g.dw
-                        dst[x] = ix >= 0 && ix < g.w ? src[ix] : 0
+                    if lower > 0 { dst.update(repeating: 0, count: lower) }
+                    if upper < g.ow { (dst + upper).update(repeating: 0, count: g.ow - upper) }
+                    let src = img + (ci * g.h + iy) * g.w + first
+                    if g.sw == 1 {
+                        (dst + lower).update(from: src, count: upper - lower)
+                    } else {
+                        for x in 0..<(upper - lower) { dst[lower + x] = src[x * g.sw] }
                     }
                 }
             }
@@ -223,15 +241,15 @@ private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMuta
         for i in 0..<g.kh {
             for j in 0..<g.kw {
                 let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
+                let (lower, upper) = validColumns(g, j)
+                guard lower < upper else { continue }
+                let first = lower * g.sw - g.pw + j * g.dw
                 for y in 0..<g.oh {
                     let iy = y * g.sh - g.ph + i * g.dh
                     if iy < 0 || iy >= g.h { continue }
-                    let dst = img + (ci * g.h + iy) * g.w
-                    let src = row + y * g.ow
-                    for x in 0..<g.ow {
-                        let ix = x * g.sw - g.pw + j * g.dw
-                        if ix >= 0 && ix < g.w { dst[ix] += src[x] }
-                    }
+                    let dst = img + (ci * g.h + iy) * g.w + first
+                    let src = row + y * g.ow + lower
+                    for x in 0..<(upper - lower) { dst[x * g.sw] += src[x] }
                 }
             }
         }
