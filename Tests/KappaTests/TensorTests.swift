@@ -224,6 +224,28 @@ struct TensorTests {
         #expect(Swift.abs(lhs - rhs) < 1e-10 * Swift.max(1, Swift.abs(lhs)))
     }
 
+    /// A batch large enough to be split over the cores (one BLAS thread per chunk) gives what
+    /// each image gives alone, forward and backward.
+    @Test func convolutionOfABatchEqualsImageByImage() {
+        var g = RandomGenerator(seed: 9)
+        let x = Tensor.randomNormal([12, 8, 20, 20], using: &g).requiringGrad()
+        let w = Tensor.randomNormal([16, 8, 3, 3], using: &g).requiringGrad()
+        let gy = Tensor.randomNormal([12, 16, 10, 10], using: &g)
+        let y = x.conv2d(weight: w, stride: 2, padding: 1)
+        (y * gy).sum().backward()
+        var gw = [Float](repeating: 0, count: w.count)
+        for n in 0..<12 {
+            let xn = x.detached()[n..<(n + 1)].contiguous().requiringGrad(), wn = w.detached().requiringGrad()
+            let yn = xn.conv2d(weight: wn, stride: 2, padding: 1)
+            (yn * gy[n..<(n + 1)]).sum().backward()
+            #expect(yn.scalars(as: Float.self) == y[n..<(n + 1)].scalars(as: Float.self))
+            #expect(xn.grad!.scalars(as: Float.self) == x.grad![n..<(n + 1)].scalars(as: Float.self))
+            for (i, v) in wn.grad!.scalars(as: Float.self).enumerated() { gw[i] += v }
+        }
+        let worst = zip(gw, w.grad!.scalars(as: Float.self)).map { abs($0 - $1) / max(1, abs($1)) }.max()!
+        #expect(worst < 1e-4)
+    }
+
     @Test func poolingAndResizeValues() {
         let x = Tensor.arange(0, 16, dtype: .float64).reshape([1, 1, 4, 4])
         #expect(x.maxPool2d(kernel: 2).doubles == [5, 7, 13, 15])

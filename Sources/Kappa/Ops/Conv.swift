@@ -1,9 +1,12 @@
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
-// conv2d is im2col over the whole batch followed by one BLAS product; its VJP recomputes the columns
-// (trading a cheap copy for memory), gets the weight gradient as G·colsᵀ and the input
-// gradient as col2im(Wᵀ·G). Pooling and resizing are explicit window/tap kernels whose VJPs
-// scatter the gradient back through the same windows/taps.
+// conv2d is im2col and one BLAS product per image, the images split over the cores; its VJP
+// recomputes the columns (trading a cheap copy for memory), gets the weight gradient as
+// Σ G·colsᵀ and the input gradient as col2im(Wᵀ·G). Pooling and resizing are explicit
+// window/tap kernels whose VJPs scatter the gradient back through the same windows/taps.
+
+import CBLAS
+import Dispatch
 
 /// A pair of sizes for the two spatial axes (height, width).
 public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
@@ -256,43 +259,67 @@ private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMuta
     }
 }
 
-/// Forward for the whole batch as one product: cols [C·kh·kw, B·L] from every image, then
-/// [O, C·kh·kw] · cols = [O, B·L], reordered to [B, O, L].
-private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0], l = g.colCols, total = b * l
-    let cols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
-    let product = Tensor(uninitialized: [o, total], dtype: x.dtype)
-    let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self)
-    let pc = cols.pointer(T.self), pp = product.pointer(T.self)
-    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
-        for n in range { im2col(px + n * g.c * g.h * g.w, pc + n * l, g, rowStride: total) }
+/// The number of chunks a batch of `b` images is split into, one per core when the work
+/// (multiply-adds per image × b) is large enough.
+private func imageChunks(_ b: Int, work: Int) -> Int {
+    Swift.min(Parallel.cores, b, Swift.max(1, b * work / Parallel.grain))
+}
+
+/// Runs `body` over the images split into `chunks` contiguous ranges, in parallel with
+/// OpenBLAS on one thread for the duration: each chunk does its own im2col and small
+/// products, so no core waits on BLAS's thread hand-offs (which cost more than the arithmetic
+/// of a narrow ResNet's convolutions: a quarter of a ResNet-8 DINO step was OpenBLAS threads
+/// yielding). One chunk runs on the calling thread with BLAS as set.
+private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ images: Range<Int>) -> Void) {
+    if chunks <= 1 {
+        body(0, 0..<b)
+        return
     }
-    gemm(false, false, o, total, g.colRows, pw, g.colRows, pc, total, pp, total)
-    for n in 0..<b {
-        for k in 0..<o { (po + (n * o + k) * l).update(from: pp + k * total + n * l, count: l) }
+    let cores = Parallel.cores
+    openblas_set_num_threads(1)
+    defer { openblas_set_num_threads(Int32(cores)) }
+    withoutActuallyEscaping(body) { body in
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
     }
 }
 
+/// Forward, image by image: cols [C·kh·kw, L] of the image, then out[n] = W · cols, [O, L].
+private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, size = g.colRows * l
+    let chunks = imageChunks(b, work: o * size)
+    let scratch = Tensor(uninitialized: [chunks, size], dtype: x.dtype)
+    let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), ps = scratch.pointer(T.self)
+    forEachImageChunk(b, chunks: chunks) { chunk, images in
+        let cols = ps + chunk * size
+        for n in images {
+            im2col(px + n * g.c * g.h * g.w, cols, g, rowStride: l)
+            gemm(false, false, o, l, g.colRows, pw, g.colRows, cols, l, po + n * o * l, l)
+        }
+    }
+}
+
+/// Backward, image by image: dW += G[n] · colsᵀ (a partial sum per chunk, added at the end)
+/// and dx[n] = col2im(Wᵀ · G[n]).
 private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
                                            _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0], l = g.colCols, total = b * l
-    let cols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
-    let g2 = Tensor(uninitialized: [o, total], dtype: x.dtype)
-    let gcols = Tensor(uninitialized: [g.colRows, total], dtype: x.dtype)
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, size = g.colRows * l, wsize = o * g.colRows
+    let chunks = imageChunks(b, work: 3 * o * size)
+    let scratch = Tensor(uninitialized: [chunks, 2 * size + wsize], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
-    let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), pc = cols.pointer(T.self)
-    let pg2 = g2.pointer(T.self), pgc = gcols.pointer(T.self)
-    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
-        for n in range { im2col(px + n * g.c * g.h * g.w, pc + n * l, g, rowStride: total) }
+    let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), ps = scratch.pointer(T.self)
+    forEachImageChunk(b, chunks: chunks) { chunk, images in
+        let cols = ps + chunk * (2 * size + wsize), gcols = cols + size, dw = gcols + size
+        dw.update(repeating: 0, count: wsize)
+        for n in images {
+            im2col(px + n * g.c * g.h * g.w, cols, g, rowStride: l)
+            gemm(false, true, o, g.colRows, l, pg + n * o * l, l, cols, l, dw, g.colRows, beta: 1)
+            gemm(true, false, g.colRows, l, o, pw, g.colRows, pg + n * o * l, l, gcols, l)
+            col2im(gcols, pgx + n * g.c * g.h * g.w, g, rowStride: l)
+        }
     }
-    for n in 0..<b {
-        for k in 0..<o { (pg2 + k * total + n * l).update(from: pg + (n * o + k) * l, count: l) }
-    }
-    // dW = G · colsᵀ ; dcols = Wᵀ · G
-    gemm(false, true, o, g.colRows, total, pg2, total, pc, total, pgw, g.colRows)
-    gemm(true, false, g.colRows, total, o, pw, g.colRows, pg2, total, pgc, total)
-    Parallel.forEach(b, costPerItem: g.colRows * l) { range in
-        for n in range { col2im(pgc + n * l, pgx + n * g.c * g.h * g.w, g, rowStride: total) }
+    for c in 0..<chunks {
+        let dw = ps + c * (2 * size + wsize) + 2 * size
+        for i in 0..<wsize { pgw[i] += dw[i] }
     }
 }
 
