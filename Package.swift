@@ -44,6 +44,8 @@ let package = Package(
         ),
         .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
         .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),
+        .executableTarget(name: "Supervised", dependencies: ["Kappa", "KappaNN", "KappaSSL", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Examples/Supervised"),
         // Hostile-file testing of every reader, shared by the KappaFuzz command and the tests.
         .target(name: "KappaFuzzing", dependencies: ["Kappa", "KappaNN", "KappaSSL", "CZlib"]),
         .executableTarget(name: "KappaFuzz", dependencies: ["KappaFuzzing"], path: "Tools/KappaFuzz"),

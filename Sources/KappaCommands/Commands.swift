@@ -54,22 +54,26 @@ public struct ModelOptions: ParsableArguments {
     var centering: CenteringChoice?
     @Flag(help: "Use the exact Bessel normalizer instead of the paper's large-order approximation (slower, same results for p ≥ 64).")
     var exactNormalizer = false
-    @Option(help: "Backbone: vit-micro (64 wide, 4 deep, 4 heads), vit-tiny (192, 12, 3), vit-small (384, 12, 6), resnet (ResNet-18 layout, --resnet-width). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones.")
-    var backbone: Backbone = .vitMicro
-    @Option(help: "ResNet width (64 is ResNet-18's); small values train fast on two cores.")
-    var resnetWidth = 16
+    @Option(help: "Backbone: resnet (ResNet-18 layout, --resnet-width; the default of DINOvMF), vit-micro (64 wide, 4 deep, 4 heads; the default of iBOTvMF, which needs a ViT), vit-tiny (192, 12, 3), vit-small (384, 12, 6). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones.")
+    var backbone: Backbone?
+    /// The backbone: `--backbone`, else a ResNet for DINO and ViT-micro for iBOT (masking needs patches).
+    var resolvedBackbone: Backbone { backbone ?? (method.isIBOT ? .vitMicro : .resnet) }
+    @Option(help: "ResNet width (64 is ResNet-18's); small values train fast on two cores. Default 8.")
+    var resnetWidth = 8
     @Option(help: "Prototypes K. Too many for the data leaves most unused; too few merges classes. Default 256.")
     var prototypes = 256
     @Option(help: "Bottleneck dimension p (the sphere S^{p-1} of the vMF components). Default 64.")
     var bottleneck = 64
     @Option(help: "Hidden width of the head's MLP. Default 256.")
     var headHidden = 256
-    @Option(help: "Epochs.")
-    var epochs = 20
+    @Option(help: "Epochs. Default: 10 with a ResNet, 20 with a ViT (each about nine minutes on 8,000 images and two cores).")
+    var epochs: Int?
+    var resolvedEpochs: Int { epochs ?? (resolvedBackbone == .resnet ? 10 : 20) }
     @Option(help: "Images per batch (each gives 2 global + --local-crops local views).")
     var batchSize = 64
-    @Option(help: "Base learning rate, scaled by batch/256 (AdamW, linear warmup then cosine). Too high makes the loss NaN or collapses the teacher.")
-    var lr = 2e-3
+    @Option(help: "Base learning rate, scaled by batch/256 (AdamW, linear warmup then cosine). Too high makes the loss NaN or collapses the teacher. Default: 1e-2 with a ResNet (BatchNorm throughout), 2e-3 with a ViT.")
+    var lr: Double?
+    var resolvedLearningRate: Double { lr ?? (resolvedBackbone == .resnet ? 1e-2 : 2e-3) }
     @Option(help: "Final learning rate of the cosine schedule.")
     var minLr = 1e-5
     @Option(help: "Warmup epochs of the learning rate.")
@@ -96,14 +100,20 @@ public struct ModelOptions: ParsableArguments {
     var clipGrad = 3.0
     @Option(help: "Epochs during which the last layer's gradient is dropped.")
     var freezeLastLayer = 1
-    @Option(help: "Views: small (global crops of 80–100% of the image, local 30–80%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges.")
+    @Option(help: "Views: small (global crops of 80–100% of the image, local 30–80%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
     var augmentation: AugmentationChoice = .small
     @Option(help: "Local crops per image.")
     var localCrops = 4
     @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.8; DINO: 0.4.")
     var globalCropMin: Double?
-    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. On data where foreground polarity is a nuisance shared by both views (the built-in shapes) it removes that shortcut.")
+    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO.")
     var invertProbability = 0.0
+    @Option(help: "Largest rotation of a view in degrees (uniform in ±this, edges repeated); not in DINO.")
+    var rotation = 0.0
+    @Option(help: "Largest shift of a view as a share of the image side (uniform in ±this per axis, edges repeated); not in DINO.")
+    var translation = 0.0
+    @Option(help: "Largest standard deviation of Gaussian pixel noise added to a view (each view draws its own in [0, this]).")
+    var noise = 0.0
     @Option(help: "Smallest area share of a local crop. small: 0.3; DINO: 0.05 (on 28-pixel images a 6-pixel patch that may miss the object).")
     var localCropMin: Double?
 
@@ -124,19 +134,21 @@ public struct ModelOptions: ParsableArguments {
 
     /// Argument errors are thrown (and printed by ArgumentParser), never preconditions.
     func validated() throws {
+        let epochs = resolvedEpochs
         guard epochs >= 1 else { throw ValidationError("--epochs must be at least 1") }
         guard warmupEpochs >= 0 && warmupEpochs <= epochs else { throw ValidationError("--warmup-epochs must lie in 0...\(epochs) (--epochs)") }
         guard warmupTeacherEpochs >= 0 else { throw ValidationError("--warmup-teacher-epochs must not be negative") }
         guard batchSize >= 1, prototypes >= 1, bottleneck >= 2, headHidden >= 1, resnetWidth >= 1, localCrops >= 0 else {
             throw ValidationError("--batch-size, --prototypes, --head-hidden and --resnet-width must be positive, --bottleneck at least 2, --local-crops not negative")
         }
-        guard lr > 0, minLr >= 0, studentTemp > 0, teacherTemp > 0, warmupTeacherTemp > 0, patchTeacherTemp > 0 else {
+        guard resolvedLearningRate > 0, minLr >= 0, studentTemp > 0, teacherTemp > 0, warmupTeacherTemp > 0, patchTeacherTemp > 0 else {
             throw ValidationError("learning rates and temperatures must be positive")
         }
         guard (0...1).contains(teacherMomentum), (0...1).contains(centerMomentum), (0...1).contains(maskProbability),
-              (0...1).contains(invertProbability), 0 < cropScales.local, cropScales.local <= cropScales.global, cropScales.global <= 1,
+              (0...1).contains(invertProbability), (0...180).contains(rotation), (0...1).contains(translation), (0...1).contains(noise),
+              0 < cropScales.local, cropScales.local <= cropScales.global, cropScales.global <= 1,
               0 <= maskRatioMin, maskRatioMin <= maskRatioMax, maskRatioMax < 1 else {
-            throw ValidationError("momenta and probabilities must lie in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
+            throw ValidationError("momenta and probabilities must lie in [0, 1], --rotation in [0, 180], --translation and --noise in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
         }
     }
 
@@ -154,6 +166,7 @@ public struct ModelOptions: ParsableArguments {
         }
         c.loss.normalizerExact = exactNormalizer
         let patch = imageSize % 7 == 0 ? 7 : (imageSize % 4 == 0 ? 4 : 0)
+        let backbone = resolvedBackbone
         switch backbone {
         case .resnet: c.backbone = .resnet(width: resnetWidth, channels: channels)
         default:
@@ -166,7 +179,7 @@ public struct ModelOptions: ParsableArguments {
         }
         (c.prototypes, c.bottleneck, c.headHidden) = (prototypes, bottleneck, headHidden)
         c.loss.dimension = bottleneck
-        (c.epochs, c.batchSize, c.baseLearningRate, c.minLearningRate, c.warmupEpochs) = (epochs, batchSize, lr, minLr, warmupEpochs)
+        (c.epochs, c.batchSize, c.baseLearningRate, c.minLearningRate, c.warmupEpochs) = (resolvedEpochs, batchSize, resolvedLearningRate, minLr, warmupEpochs)
         (c.weightDecay, c.weightDecayEnd, c.decayPrototypeScale) = (weightDecay, weightDecayEnd, !noDecayOnNorms)
         (c.teacherMomentum, c.clipGradient, c.freezeLastLayerEpochs) = (teacherMomentum, clipGrad > 0 ? clipGrad : .infinity, freezeLastLayer)
         (c.loss.studentTemperature, c.loss.teacherTemperature) = (studentTemp, teacherTemp)
@@ -187,7 +200,8 @@ public struct ModelOptions: ParsableArguments {
         c.augmentation.globalSize = imageSize
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
-        c.augmentation.invertProbability = invertProbability
+        (c.augmentation.invertProbability, c.augmentation.rotationDegrees) = (invertProbability, rotation)
+        (c.augmentation.translation, c.augmentation.noiseStd) = (translation, noise)
         c.augmentation.globalScale = cropScales.global...1
         c.augmentation.localScale = cropScales.local...cropScales.global
         c.seed = seed
@@ -305,7 +319,7 @@ struct Ablation: ParsableCommand {
                     print("== \(name)")
                     let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
                                                   output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
-                    session.evaluateEvery = Swift.max(1, m.epochs)
+                    session.evaluateEvery = Swift.max(1, budgetEpochs)
                     session.linearProbe = false
                     let outcome = try session.run()
                     let r = outcome.report

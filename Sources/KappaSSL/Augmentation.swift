@@ -5,7 +5,8 @@ import Kappa
 /// random resized crops (global and local scale ranges, aspect ratio 3/4…4/3, bilinear
 /// resampling), horizontal flip, color jitter (brightness, contrast, saturation, hue in a
 /// random order; on grayscale only brightness and contrast), random grayscale, Gaussian blur,
-/// solarization, and per-channel normalization. Each sample's crops depend only on
+/// solarization, and per-channel normalization; optionally (not in DINO) turns, shifts,
+/// inversion and Gaussian pixel noise. Each sample's crops depend only on
 /// (seed, epoch, sample index), never on thread timing.
 public struct MultiCropAugmentation: Codable, Sendable, Equatable {
     public var globalSize = 28, localSize = 14, localCrops = 4
@@ -23,6 +24,15 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
     /// Probability of inverting a view (x → 1 − x): not in DINO; for data whose foreground
     /// polarity is a nuisance shared by both views of an image (the built-in shapes).
     public var invertProbability = 0.0
+    /// Largest rotation of a crop, in degrees (each crop turns by a uniform angle in
+    /// ±this); 0 in DINO. Pixels rotated in from outside repeat the image's edge.
+    public var rotationDegrees = 0.0
+    /// Largest shift of a crop's center, as a share of the image side (uniform in ±this on
+    /// each axis, edges repeated); 0 in DINO, whose crops move only within the image.
+    public var translation = 0.0
+    /// Largest standard deviation of Gaussian pixel noise added to a view (each view draws
+    /// its own in [0, this]); 0 in DINO.
+    public var noiseStd = 0.0
 
     /// DINO's augmentations (METHOD.md), the memberwise defaults.
     public init() {}
@@ -62,6 +72,10 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
             if g.nextUniform() < blur { gaussianBlur(&x, c, size, sigma: blurSigma.lowerBound + (blurSigma.upperBound - blurSigma.lowerBound) * g.nextUniform()) }
             if k == 1 && g.nextUniform() < solarizeProbability { for i in x.indices where x[i] >= 0.5 { x[i] = 1 - x[i] } }
             if invertProbability > 0 && g.nextUniform() < invertProbability { for i in x.indices { x[i] = 1 - x[i] } }
+            if noiseStd > 0 {
+                let sigma = noiseStd * g.nextUniform()
+                for i in x.indices { x[i] += Float(sigma * g.nextNormal()) }
+            }
             let (m, s) = (Float(mean), Float(1 / std))
             for i in x.indices { x[i] = (x[i] - m) * s }
             out.append(x)
@@ -70,8 +84,9 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
     }
 
     /// torchvision's RandomResizedCrop: up to 10 tries of a box with area in `scale` of the
-    /// image and log-uniform aspect ratio in [3/4, 4/3], else the central crop; resampled
-    /// bilinearly to size × size.
+    /// image and log-uniform aspect ratio in [3/4, 4/3], else the central crop; then, when
+    /// enabled, turned by up to ±``rotationDegrees`` about its center and shifted by up to
+    /// ±``translation``; resampled bilinearly to size × size, edges repeated.
     func resizedCrop(_ img: UnsafeBufferPointer<Float>, _ c: Int, _ h: Int, _ w: Int, size: Int, scale: ClosedRange<Double>,
                      using g: inout RandomGenerator) -> [Float] {
         var box = (top: 0.0, left: 0.0, height: Double(h), width: Double(w))
@@ -90,12 +105,23 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
             let side = Double(Swift.min(h, w))
             box = ((Double(h) - side) / 2, (Double(w) - side) / 2, side, side)
         }
+        // Rotation about the crop's center and a shift, drawn only when enabled so that views
+        // without them consume the same random numbers as before.
+        let angle = rotationDegrees > 0 ? (2 * g.nextUniform() - 1) * rotationDegrees * Double.pi / 180 : 0
+        let (shiftX, shiftY) = translation > 0
+            ? ((2 * g.nextUniform() - 1) * translation * Double(w), (2 * g.nextUniform() - 1) * translation * Double(h)) : (0, 0)
+        let (ca, sa) = (Foundation.cos(angle), Foundation.sin(angle))
         var out = [Float](repeating: 0, count: c * size * size)
         for y in 0..<size {
-            let sy = Swift.min(Swift.max(box.top + (Double(y) + 0.5) * box.height / Double(size) - 0.5, 0), Double(h - 1))
-            let y0 = Int(sy), y1 = Swift.min(y0 + 1, h - 1), fy = Float(sy - Double(y0))
+            let py = (Double(y) + 0.5) * box.height / Double(size)
             for x in 0..<size {
-                let sx = Swift.min(Swift.max(box.left + (Double(x) + 0.5) * box.width / Double(size) - 0.5, 0), Double(w - 1))
+                // (px, py): the output pixel's place in the box; turned about the box's center.
+                let px = (Double(x) + 0.5) * box.width / Double(size)
+                let (dx, dy) = (px - box.width / 2, py - box.height / 2)
+                let (rx, ry) = angle == 0 ? (px, py) : (box.width / 2 + ca * dx - sa * dy, box.height / 2 + sa * dx + ca * dy)
+                let sx = Swift.min(Swift.max(box.left + shiftX + rx - 0.5, 0), Double(w - 1))
+                let sy = Swift.min(Swift.max(box.top + shiftY + ry - 0.5, 0), Double(h - 1))
+                let y0 = Int(sy), y1 = Swift.min(y0 + 1, h - 1), fy = Float(sy - Double(y0))
                 let x0 = Int(sx), x1 = Swift.min(x0 + 1, w - 1), fx = Float(sx - Double(x0))
                 for k in 0..<c {
                     let p = k * h * w
