@@ -66,7 +66,7 @@ public struct ModelOptions: ParsableArguments {
     var bottleneck = 64
     @Option(help: "Hidden width of the head's MLP. Default 256.")
     var headHidden = 256
-    @Option(help: "Epochs. Default: 10 with a ResNet, 20 with a ViT (each about nine minutes on 8,000 images and two cores).")
+    @Option(help: "Epochs. Default: 10 with a ResNet, 20 with a ViT (about nine and seven minutes on 8,000 images and two cores).")
     var epochs: Int?
     var resolvedEpochs: Int { epochs ?? (resolvedBackbone == .resnet ? 10 : 20) }
     @Option(help: "Images per batch (each gives 2 global + --local-crops local views).")
