@@ -29,6 +29,19 @@ enum Parallel {
     }
 }
 
+extension Parallel {
+    /// Runs `body(chunk)` for every chunk in 0..<chunks, one per core, with OpenBLAS told to
+    /// use one thread for the duration when `serialBLAS` (each chunk then calls BLAS itself,
+    /// so that no core waits on BLAS's own thread hand-offs); the thread count is restored
+    /// after.
+    static func forEachChunk(_ chunks: Int, serialBLAS: Bool, _ body: (Int) -> Void) {
+        let threads = cores
+        if serialBLAS { openblas_set_num_threads(1) }
+        defer { if serialBLAS { openblas_set_num_threads(Int32(threads)) } }
+        withoutActuallyEscaping(body) { body in DispatchQueue.concurrentPerform(iterations: chunks, execute: body) }
+    }
+}
+
 /// The number of threads Kappa's kernels and OpenBLAS use.
 public enum Threads {
     /// Threads for elementwise and reduction kernels and for BLAS; defaults to the number of

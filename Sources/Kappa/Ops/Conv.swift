@@ -5,9 +5,6 @@
 // Σ G·colsᵀ and the input gradient as col2im(Wᵀ·G). Pooling and resizing are explicit
 // window/tap kernels whose VJPs scatter the gradient back through the same windows/taps.
 
-import CBLAS
-import Dispatch
-
 /// A pair of sizes for the two spatial axes (height, width).
 public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
     public var height: Int, width: Int
@@ -207,8 +204,7 @@ private func validColumns(_ g: ConvGeometry, _ j: Int) -> (lower: Int, upper: In
 }
 
 /// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside);
-/// rows of `cols` are `rowStride` apart (the columns of a whole batch side by side). The
-/// inside columns of each row are found once, so the inner loop has no bounds test (a plain
+/// rows of `cols` are `rowStride` apart. The inside columns of each row are found once, so the inner loop has no bounds test (a plain
 /// copy at stride 1).
 private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
     for ci in 0..<g.c {
@@ -275,12 +271,7 @@ private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ i
         body(0, 0..<b)
         return
     }
-    let cores = Parallel.cores
-    openblas_set_num_threads(1)
-    defer { openblas_set_num_threads(Int32(cores)) }
-    withoutActuallyEscaping(body) { body in
-        DispatchQueue.concurrentPerform(iterations: chunks) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
-    }
+    Parallel.forEachChunk(chunks, serialBLAS: true) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
 }
 
 /// Forward, image by image: cols [C·kh·kw, L] of the image, then out[n] = W · cols, [O, L].

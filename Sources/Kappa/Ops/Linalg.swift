@@ -144,10 +144,7 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     let cores = Parallel.cores, work = m * n * k
     let chunks = work <= 1 << 20 && batchCount * work >= 1 << 18 ? Swift.min(cores, batchCount) : 1
     if chunks > 1 {
-        let pinned = work > 1 << 18
-        if pinned { openblas_set_num_threads(1) }
-        defer { if pinned { openblas_set_num_threads(Int32(cores)) } }
-        DispatchQueue.concurrentPerform(iterations: chunks) { chunk in
+        Parallel.forEachChunk(chunks, serialBLAS: work > 1 << 18) { chunk in
             for c in (batchCount * chunk / chunks)..<(batchCount * (chunk + 1) / chunks) {
                 gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n)
             }
