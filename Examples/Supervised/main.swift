@@ -31,9 +31,8 @@ struct Supervised: ParsableCommand {
 
     func run() throws {
         if let threads { Threads.count = threads }
-        // The split of DINOvMF's default run: seed 0 for training, another seed for evaluation.
-        let train = ShapesDataset.make(count: 8000, size: 28, seed: 0)
-        let test = ShapesDataset.make(count: 2000, size: 28, seed: 1_000_003)
+        // The split of DINOvMF's default run.
+        let (train, test) = ShapesDataset.splits(train: 8000, evaluation: 2000, seed: 0)
         var g = RandomGenerator(seed: 0)
         let encoder: FeatureEncoder = backbone == .resnet
             ? ResNet(channels: 1, width: 8, using: &g)

@@ -21,8 +21,7 @@ public struct DataOptions: ParsableArguments {
 
     func load(seed: UInt64) throws -> (train: ImageDataset, test: ImageDataset) {
         if data == "builtin" {
-            return (ShapesDataset.make(count: trainCount, size: 28, seed: seed),
-                    ShapesDataset.make(count: evalCount, size: 28, seed: seed &+ 1_000_003))
+            return ShapesDataset.splits(train: trainCount, evaluation: evalCount, seed: seed)
         }
         let all = try DatasetFiles.load(data)
         guard all.labels != nil else { throw ValidationError("\(data): evaluation needs labels, and none were found") }

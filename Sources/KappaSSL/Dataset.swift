@@ -82,6 +82,12 @@ public enum ShapesDataset {
                             source: "shapes(count: \(count), size: \(size), channels: \(channels), seed: \(seed))")
     }
 
+    /// The training and evaluation splits of the built-in data that the programs use:
+    /// training images from `seed`, evaluation images from another seed, so none is in both.
+    public static func splits(train: Int, evaluation: Int, size: Int = 28, seed: UInt64) -> (train: ImageDataset, test: ImageDataset) {
+        (make(count: train, size: size, seed: seed), make(count: evaluation, size: size, seed: seed &+ 1_000_003))
+    }
+
     static func box(_ x: Double, _ y: Double, _ hx: Double, _ hy: Double) -> Double {
         let dx = Swift.abs(x) - hx, dy = Swift.abs(y) - hy
         let outside = (Swift.max(dx, 0) * Swift.max(dx, 0) + Swift.max(dy, 0) * Swift.max(dy, 0)).squareRoot()
