@@ -99,25 +99,26 @@ public struct ModelOptions: ParsableArguments {
     var clipGrad = 3.0
     @Option(help: "Epochs during which the last layer's gradient is dropped.")
     var freezeLastLayer = 1
-    @Option(help: "Views: small (global crops of 80–100% of the image, local 30–80%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
+    @Option(help: "Views: small (global crops of 90–100% of the image, local 70–90%, half of the views inverted, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
     var augmentation: AugmentationChoice = .small
     @Option(help: "Local crops per image.")
     var localCrops = 4
-    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.8; DINO: 0.4.")
+    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.9; DINO: 0.4.")
     var globalCropMin: Double?
-    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO.")
-    var invertProbability = 0.0
+    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. small: 0.5; DINO: 0.")
+    var invertProbability: Double?
     @Option(help: "Largest rotation of a view in degrees (uniform in ±this, edges repeated); not in DINO.")
     var rotation = 0.0
     @Option(help: "Largest shift of a view as a share of the image side (uniform in ±this per axis, edges repeated); not in DINO.")
     var translation = 0.0
     @Option(help: "Largest standard deviation of Gaussian pixel noise added to a view (each view draws its own in [0, this]).")
     var noise = 0.0
-    @Option(help: "Smallest area share of a local crop. small: 0.3; DINO: 0.05 (on 28-pixel images a 6-pixel patch that may miss the object).")
+    @Option(help: "Smallest area share of a local crop. small: 0.7; DINO: 0.05 (on 28-pixel images a 6-pixel patch that may miss the object).")
     var localCropMin: Double?
 
     var cropScales: (global: Double, local: Double) {
-        (globalCropMin ?? (augmentation == .small ? 0.8 : 0.4), localCropMin ?? (augmentation == .small ? 0.3 : 0.05))
+        let global = globalCropMin ?? (augmentation == .small ? 0.9 : 0.4)
+        return (global, localCropMin ?? Swift.min(global, augmentation == .small ? 0.7 : 0.05))
     }
 
     @Option(help: "iBOT: weight λ₂ of the masked-patch term (λ₁ = 1).")
@@ -144,7 +145,7 @@ public struct ModelOptions: ParsableArguments {
             throw ValidationError("learning rates and temperatures must be positive")
         }
         guard (0...1).contains(teacherMomentum), (0...1).contains(centerMomentum), (0...1).contains(maskProbability),
-              (0...1).contains(invertProbability), (0...180).contains(rotation), (0...1).contains(translation), (0...1).contains(noise),
+              (0...1).contains(invertProbability ?? 0), (0...180).contains(rotation), (0...1).contains(translation), (0...1).contains(noise),
               0 < cropScales.local, cropScales.local <= cropScales.global, cropScales.global <= 1,
               0 <= maskRatioMin, maskRatioMin <= maskRatioMax, maskRatioMax < 1 else {
             throw ValidationError("momenta and probabilities must lie in [0, 1], --rotation in [0, 180], --translation and --noise in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
@@ -199,7 +200,8 @@ public struct ModelOptions: ParsableArguments {
         c.augmentation.globalSize = imageSize
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
-        (c.augmentation.invertProbability, c.augmentation.rotationDegrees) = (invertProbability, rotation)
+        if let invertProbability { c.augmentation.invertProbability = invertProbability }
+        c.augmentation.rotationDegrees = rotation
         (c.augmentation.translation, c.augmentation.noiseStd) = (translation, noise)
         c.augmentation.globalScale = cropScales.global...1
         c.augmentation.localScale = cropScales.local...cropScales.global
