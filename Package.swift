@@ -52,7 +52,7 @@ let package = Package(
         .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "KappaSSL", "CBLAS"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa", .product(name: "PropertyBased", package: "swift-property-based")]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
-        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaFuzzing"]),
+        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaFuzzing", "KappaCommands"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -19,8 +19,10 @@ public struct DataOptions: ParsableArguments {
     @Option(help: "Evaluation images (built-in data: generated with another seed; files: the last N). Default: 2000.")
     var evalCount = 2000
 
+    var isBuiltin: Bool { data == "builtin" }
+
     func load(seed: UInt64) throws -> (train: ImageDataset, test: ImageDataset) {
-        if data == "builtin" {
+        if isBuiltin {
             return ShapesDataset.splits(train: trainCount, evaluation: evalCount, seed: seed)
         }
         let all = try DatasetFiles.load(data)
@@ -99,13 +101,13 @@ public struct ModelOptions: ParsableArguments {
     var clipGrad = 3.0
     @Option(help: "Epochs during which the last layer's gradient is dropped.")
     var freezeLastLayer = 1
-    @Option(help: "Views: small (global crops of 90–100% of the image, local 70–90%, half of the views inverted, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
+    @Option(help: "Views: small (global crops of 90–100% of the image, local 70–90%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
     var augmentation: AugmentationChoice = .small
     @Option(help: "Local crops per image.")
     var localCrops = 4
     @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.9; DINO: 0.4.")
     var globalCropMin: Double?
-    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. small: 0.5; DINO: 0.")
+    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. Default: 0.5 with --augmentation small on the built-in data, whose images are light on dark or dark on light at random; else 0.")
     var invertProbability: Double?
     @Option(help: "Largest rotation of a view in degrees (uniform in ±this, edges repeated); not in DINO.")
     var rotation = 0.0
@@ -152,7 +154,9 @@ public struct ModelOptions: ParsableArguments {
         }
     }
 
-    func configuration(imageSize: Int, channels: Int, seed: UInt64) throws -> DINOConfiguration {
+    /// The run's configuration; `mixedPolarity`: the data draws light-on-dark and dark-on-light
+    /// images at random (the built-in shapes), so the small views invert half of the views.
+    func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool = false) throws -> DINOConfiguration {
         try validated()
         var c = DINOConfiguration()
         if !method.isVMF { c.useDINO() }
@@ -200,7 +204,7 @@ public struct ModelOptions: ParsableArguments {
         c.augmentation.globalSize = imageSize
         c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
         c.augmentation.localCrops = localCrops
-        if let invertProbability { c.augmentation.invertProbability = invertProbability }
+        c.augmentation.invertProbability = invertProbability ?? (mixedPolarity && augmentation == .small ? 0.5 : 0)
         c.augmentation.rotationDegrees = rotation
         (c.augmentation.translation, c.augmentation.noiseStd) = (translation, noise)
         c.augmentation.globalScale = cropScales.global...1
@@ -257,7 +261,8 @@ struct Train: ParsableCommand {
     func run() throws {
         try common.apply()
         let (train, test) = try data.load(seed: common.seed)
-        let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed)
+        let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
+                                             mixedPolarity: data.isBuiltin)
         guard config.batchSize <= train.count else { throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images") }
         print("\(model.method.rawValue) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads")
         let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
@@ -315,7 +320,8 @@ struct Ablation: ParsableCommand {
                     (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
                     m.epochs = budgetEpochs
                     m.warmupEpochs = Swift.min(m.warmupEpochs, budgetEpochs)
-                    let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.seed)
+                    let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
+                                                     mixedPolarity: data.isBuiltin)
                     let name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
                     print("== \(name)")
                     let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,

@@ -53,8 +53,11 @@ public struct DatasetError: Error, CustomStringConvertible, Equatable {
 /// shapes (circle, square, triangle, plus, bar, two bars, T, L, arc, ring with a dot) whose
 /// position, scale, rotation (±30°), stroke width, intensity or color, background texture
 /// (a random low-frequency wave) and pixel noise vary from image to image, so that nearest
-/// neighbours on raw pixels are weak and invariant features are needed. Deterministic by
-/// seed: image i depends only on (seed, i).
+/// neighbours on raw pixels are weak and invariant features are needed. Half of the images
+/// are light on dark, half dark on light: self-supervised views should invert
+/// (``MultiCropAugmentation/invertProbability`` 0.5, what `DINOvMF` does on this data), or
+/// the polarity both views share becomes a feature. Deterministic by seed: image i depends
+/// only on (seed, i).
 public enum ShapesDataset {
     public static let classNames = ["circle", "square", "triangle", "plus", "bar", "two bars", "T", "L", "arc", "ring and dot"]
 

@@ -1,0 +1,33 @@
+import KappaSSL
+import Testing
+@testable import KappaCommands
+
+/// How the command line resolves the views it does not name: the defaults that depend on
+/// the preset and on the data.
+@Suite("Command line: view defaults")
+struct CommandLineTests {
+    static func views(_ arguments: [String], builtin: Bool) throws -> MultiCropAugmentation {
+        try ModelOptions.parse(arguments).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: builtin).augmentation
+    }
+
+    @Test func smallViewsKeepMostOfTheImageAndInvertOnlyMixedPolarityData() throws {
+        let shapes = try Self.views([], builtin: true)
+        #expect(shapes.globalScale == 0.9...1 && shapes.localScale == 0.7...0.9)
+        #expect(shapes.invertProbability == 0.5)
+        let files = try Self.views([], builtin: false)
+        #expect(files == MultiCropAugmentation.smallImages)
+        #expect(try Self.views(["--invert-probability", "0"], builtin: true).invertProbability == 0)
+        #expect(try Self.views(["--invert-probability", "0.25"], builtin: false).invertProbability == 0.25)
+    }
+
+    @Test func dinoViewsNeverInvertUnlessAsked() throws {
+        let dino = try Self.views(["--augmentation", "dino"], builtin: true)
+        #expect(dino.globalScale == 0.4...1 && dino.localScale == 0.05...0.4 && dino.invertProbability == 0)
+    }
+
+    @Test func localCropsFollowALowerGlobalMinimum() throws {
+        #expect(try Self.views(["--global-crop-min", "0.5"], builtin: false).localScale == 0.5...0.5)
+        #expect(try Self.views(["--global-crop-min", "0.5", "--local-crop-min", "0.2"], builtin: false).localScale == 0.2...0.5)
+        #expect(throws: (any Error).self) { try Self.views(["--local-crop-min", "0.95"], builtin: false) }
+    }
+}
