@@ -156,7 +156,7 @@ public struct ModelOptions: ParsableArguments {
 
     /// The run's configuration; `mixedPolarity`: the data draws light-on-dark and dark-on-light
     /// images at random (the built-in shapes), so the small views invert half of the views.
-    func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool = false) throws -> DINOConfiguration {
+    func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool) throws -> DINOConfiguration {
         try validated()
         var c = DINOConfiguration()
         if !method.isVMF { c.useDINO() }
