@@ -34,9 +34,7 @@ struct Supervised: ParsableCommand {
         // The split of DINOvMF's default run.
         let (train, test) = ShapesDataset.splits(train: 8000, evaluation: 2000, seed: 0)
         var g = RandomGenerator(seed: 0)
-        let encoder: FeatureEncoder = backbone == .resnet
-            ? ResNet(channels: 1, width: 8, using: &g)
-            : VisionTransformer(.refMicro, using: &g)
+        let encoder = (backbone == .resnet ? DINOConfiguration().backbone : .vit(.refMicro)).make(using: &g)
         let classifier = Linear(encoder.featureCount, ShapesDataset.classNames.count, using: &g)
         let optimizer = AdamW(groups: [ParameterGroup(name: "all", parameters: encoder.namedParameters() + classifier.namedParameters(),
                                                       learningRate: lr, weightDecay: 0.01)])

@@ -204,8 +204,8 @@ private func validColumns(_ g: ConvGeometry, _ j: Int) -> (lower: Int, upper: In
 }
 
 /// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside);
-/// rows of `cols` are `rowStride` apart. The inside columns of each row are found once, so the inner loop has no bounds test (a plain
-/// copy at stride 1).
+/// rows of `cols` are `rowStride` apart. The inside columns of each row are found once, so
+/// the inner loop has no bounds test (a plain copy at stride 1).
 private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
     for ci in 0..<g.c {
         for i in 0..<g.kh {
