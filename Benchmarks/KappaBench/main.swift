@@ -38,9 +38,11 @@ func record(_ workload: String, _ seconds: Double) {
 }
 
 var rng = RandomGenerator(seed: 1)
+// THREADS (set by Benchmarks/peers/compare.sh) sets the threads of Kappa's kernels and OpenBLAS.
+if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores); sections: matmul elementwise overhead vmf vit step memory\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet) memory\n")
 
 if wants("matmul") {
 
@@ -169,16 +171,17 @@ if wants("vit") {
     }
 }
 
-if wants("step") {
+if wants("step") || sections.contains(where: { $0.hasPrefix("ref-") }) {
     print("\nReference training steps of BENCHMARKS.md (teacher, student fwd+bwd, DINO-vMF loss, clipping, AdamW, EMA), median of 5 after 1 warm-up")
-    for w in [ReferenceStep.Workload.refMicro, .refTiny] {
+    for w in [ReferenceStep.Workload.refMicro, .refTiny, .refResNet] where wants("step") || sections.contains(w.name) {
         let step = ReferenceStep(w)
-        let t = time(reps: 5) { step.step() }
+        let t = time(reps: w.name == "ref-tiny" ? 5 : 9) { step.step() }
         record("\(w.name) training step", t)
-        record("\(w.name) peak resident MB", Double(ProcessMemory.peakResidentBytes) / 1_048_576)
-        let work = w.name == "ref-tiny" ? 301.0 : 2.7  // GFLOP per step (BENCHMARKS.md)
-        print(String(format: "  %@: %.1f ms per step, %.0f images/s, %.1f GFLOP/s, peak resident %.0f MB", w.name, t * 1e3,
-                     Double(w.batch) / t, work / t, Double(ProcessMemory.peakResidentBytes) / 1_048_576))
+        if w.name != "ref-resnet" {
+            record("\(w.name) peak resident MB", Double(ProcessMemory.peakResidentBytes) / 1_048_576)
+        }
+        print(String(format: "  %@ (%d student parameters): %.1f ms per step, %.0f images/s, peak resident %.0f MB", w.name,
+                     step.parameterCount, t * 1e3, Double(w.batch) / t, Double(ProcessMemory.peakResidentBytes) / 1_048_576))
     }
 }
 

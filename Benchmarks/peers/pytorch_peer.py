@@ -61,6 +61,7 @@ class ViT(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, 1 + self.grid ** 2, width) * 0.02)
         self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.features = width
 
     def position(self, g):
         if g == self.grid:
@@ -79,10 +80,46 @@ class ViT(nn.Module):
         return self.norm(x)[:, 0]
 
 
-class Head(nn.Module):
-    def __init__(self, d, hidden, bottleneck, prototypes):
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """KappaNN's ResNet: a ResNet-18 layout of width w with a 3×3 stem and no max-pool."""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        blocks, c = [], width
+        for stage in range(4):
+            out = width << stage
+            for i in range(2):
+                blocks.append(BasicBlock(c, out, 2 if stage > 0 and i == 0 else 1))
+                c = out
+        self.blocks = nn.Sequential(*blocks)
+        self.features = c
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)
+
+
+class Head(nn.Module):
+    def __init__(self, d, hidden, bottleneck, prototypes, batch_norm=False):
+        super().__init__()
+        bn = (lambda: nn.BatchNorm1d(hidden)) if batch_norm else (lambda: nn.Identity())
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), bn(), nn.GELU(), nn.Linear(hidden, hidden), bn(), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
         self.v = nn.Parameter(torch.randn(prototypes, bottleneck) * 0.02)
         self.g = nn.Parameter(torch.ones(prototypes))
@@ -99,11 +136,13 @@ def log_cp_approx(kappa, p):
 
 
 class Step:
-    def __init__(self, image, patch, channels, width, depth, heads, batch, global_size, local_size, locals_,
-                 hidden, bottleneck, prototypes):
+    def __init__(self, backbone, channels, batch, global_size, local_size, locals_, hidden, bottleneck, prototypes,
+                 head_bn=False, ema=0.996):
         torch.manual_seed(0)
-        self.student = ViT(image, patch, channels, width, depth, heads)
-        self.s_head = Head(width, hidden, bottleneck, prototypes)
+        self.student = backbone()
+        width = self.student.features
+        self.s_head = Head(width, hidden, bottleneck, prototypes, head_bn)
+        self.ema = ema
         self.teacher, self.t_head = copy.deepcopy(self.student), copy.deepcopy(self.s_head)
         for q in list(self.teacher.parameters()) + list(self.t_head.parameters()):
             q.requires_grad_(False)
@@ -150,7 +189,7 @@ class Step:
         with torch.no_grad():
             for s_, t_ in zip(list(self.student.parameters()) + list(self.s_head.parameters()),
                               list(self.teacher.parameters()) + list(self.t_head.parameters())):
-                t_.mul_(0.996).add_(s_.detach(), alpha=0.004)
+                t_.mul_(self.ema).add_(s_.detach(), alpha=1 - self.ema)
         return loss.item()
 
 
@@ -204,12 +243,17 @@ def main():
         kappa = (10 ** torch.empty(65536).uniform_(-2, 4)).requires_grad_(True)
         record("vMF log C_p approximate fwd (65,536 κ)", median_time(lambda: log_cp_approx(kappa, 256), 50))
         record("vMF log C_p approximate fwd+bwd (65,536 κ)", median_time(lambda: log_cp_approx(kappa, 256).sum().backward(), 50))
-    if wants("step"):
-        for name, args in (("ref-micro", (28, 7, 1, 64, 4, 4, 32, 28, 14, 4, 256, 64, 512)),
-                           ("ref-tiny", (32, 4, 3, 192, 6, 3, 64, 32, 16, 6, 1024, 256, 4096))):
+    steps = (("ref-micro", (lambda: ViT(28, 7, 1, 64, 4, 4), 1, 32, 28, 14, 4, 256, 64, 512)),
+             ("ref-tiny", (lambda: ViT(32, 4, 3, 192, 6, 3), 3, 64, 32, 16, 6, 1024, 256, 4096)),
+             ("ref-resnet", (lambda: ResNet(1, 8), 1, 64, 28, 14, 4, 256, 64, 256, True, 0.99)))
+    for name, args in steps:
+        if wants("step") or name in sections:
             step = Step(*args)
-            record(f"{name} training step", median_time(step, 5))
-            record(f"{name} peak resident MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            count = sum(q.numel() for q in list(step.student.parameters()) + list(step.s_head.parameters()))
+            print(f"  PyTorch {name}: {count} student parameters")
+            record(f"{name} training step", median_time(step, 5 if name == "ref-tiny" else 9))
+            if name != "ref-resnet":
+                record(f"{name} peak resident MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 if __name__ == "__main__":
