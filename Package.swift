@@ -31,9 +31,11 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        // Hot kernels in C, compiled per x86-64 level with target_clones and chosen at load time.
+        .target(name: "CKappaKernels", path: "Sources/CKappaKernels"),
         .target(
             name: "Kappa",
-            dependencies: ["CBLAS", .product(name: "RealModule", package: "swift-numerics")]
+            dependencies: ["CBLAS", "CKappaKernels", .product(name: "RealModule", package: "swift-numerics")]
         ),
         .target(name: "KappaNN", dependencies: ["Kappa"]),
         .target(name: "KappaSSL", dependencies: ["Kappa", "KappaNN", "CZlib"]),

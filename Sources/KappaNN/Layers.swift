@@ -76,27 +76,14 @@ public class BatchNorm: Module {
         super.init()
     }
 
-    public func callAsFunction(_ x: Tensor) -> Tensor {
+    /// Normalizes `x` (one fused op, ``Tensor/batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:)``);
+    /// with `applyingReLU` returns max(·, 0) in the same passes.
+    public func callAsFunction(_ x: Tensor, applyingReLU: Bool = false) -> Tensor {
         let c = weight.shape[0]
         precondition(spatialRanks.contains(x.rank) && x.shape[1] == c,
                      "\(type(of: self)): input \(x.shape) does not have \(c) channels on axis 1 (rank \(spatialRanks.sorted()))")
-        let axes = [0] + Array(2..<x.rank)
-        var statShape = [Int](repeating: 1, count: x.rank)
-        statShape[1] = c
-        let mean: Tensor, variance: Tensor
-        if isTraining {
-            mean = x.mean(alongAxes: axes, keepingDims: true)
-            variance = x.variance(alongAxes: axes, correction: 0, keepingDims: true)
-            let n = Double(x.count / c)
-            withoutGradients {
-                runningMean.assign(runningMean * (1 - momentum) + mean.reshape([c]) * momentum)
-                runningVar.assign(runningVar * (1 - momentum) + variance.reshape([c]) * (momentum * n / Swift.max(n - 1, 1)))
-            }
-        } else {
-            mean = runningMean.reshape(statShape)
-            variance = runningVar.reshape(statShape)
-        }
-        return (x - mean) / (variance + eps).sqrt() * weight.reshape(statShape) + bias.reshape(statShape)
+        return x.batchNorm(weight: weight, bias: bias, runningMean: runningMean, runningVariance: runningVar,
+                           training: isTraining, momentum: momentum, eps: eps, applyingReLU: applyingReLU)
     }
 }
 

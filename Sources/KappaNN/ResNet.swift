@@ -22,7 +22,7 @@ public final class BasicBlock: Module {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        let h = bn2(conv2(bn1(conv1(x)).relu()))
+        let h = bn2(conv2(bn1(conv1(x), applyingReLU: true)))
         let s = shortcut.map { shortcutNorm!($0(x)) } ?? x
         return (h + s).relu()
     }
@@ -55,7 +55,7 @@ public final class ResNet: Module {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        var h = stemNorm(stem(x)).relu()
+        var h = stemNorm(stem(x), applyingReLU: true)
         for b in blocks { h = b(h) }
         return h.adaptiveAvgPool2d(1).reshape([x.shape[0], featureCount])
     }

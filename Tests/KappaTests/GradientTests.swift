@@ -217,6 +217,76 @@ struct GradientTests {
         }
     }
 
+    @Test func batchNorm() {
+        // Training (batch statistics) on [N, C], [N, C, L] and [N, C, H, W], a transposed
+        // input, without γ/β, and with the fused ReLU (inputs kept away from the kink).
+        let w = randn([3], seed: 75), b = randn([3], seed: 76)
+        for shape in [[5, 3], [4, 3, 2], [3, 3, 2, 3]] {
+            expectGradients([randn(shape, seed: 77), w, b]) {
+                $0[0].batchNorm(weight: $0[1], bias: $0[2], runningMean: nil, runningVariance: nil, training: true)
+            }
+        }
+        expectGradients([randn([2, 4, 3], seed: 78).transposed(1, 2)]) {
+            $0[0].batchNorm(weight: nil, bias: nil, runningMean: nil, runningVariance: nil, training: true, eps: 1e-3)
+        }
+        // ReLU: the batch is normalized so that no output lies near 0 (β shifts the kink away).
+        let x = randn([4, 3, 2, 2], seed: 79)
+        let far = Tensor([0.7, -0.6, 0.0], shape: [3])
+        expectGradients([x, w, far]) {
+            $0[0].batchNorm(weight: $0[1], bias: $0[2], runningMean: nil, runningVariance: nil, training: true,
+                            applyingReLU: true)
+        }
+        // Evaluation: running statistics are constants.
+        let mean = randn([3], seed: 81), variance = randu([3], 0.5, 2, seed: 82)
+        expectGradients([randn([4, 3, 2], seed: 83), w, b]) {
+            $0[0].batchNorm(weight: $0[1], bias: $0[2], runningMean: mean, runningVariance: variance, training: false)
+        }
+        expectGradients([awayFromZero([5, 3], seed: 84, margin: 0.3), w, b]) {
+            $0[0].batchNorm(weight: $0[1], bias: $0[2] * 0, runningMean: mean * 0, runningVariance: variance * 0 + 1,
+                            training: false, eps: 0, applyingReLU: true)
+        }
+    }
+
+    @Test func batchNormEqualsItsComposition() {
+        // The fused op against (x − μ)/√(σ² + eps)·γ + β built from reductions, forward and
+        // gradients, and the running statistics against PyTorch's update (unbiased variance).
+        let x = randn([6, 3, 4, 5], seed: 85), w = randn([3], seed: 86), b = randn([3], seed: 87)
+        let g = randn([6, 3, 4, 5], seed: 88)
+        func run(_ fused: Bool) -> (y: [Double], gx: [Double], gw: [Double], gb: [Double]) {
+            let (xi, wi, bi) = (x.copied().requiringGrad(), w.copied().requiringGrad(), b.copied().requiringGrad())
+            let y: Tensor
+            if fused {
+                y = xi.batchNorm(weight: wi, bias: bi, runningMean: nil, runningVariance: nil, training: true).relu()
+            } else {
+                let mean = xi.mean(alongAxes: [0, 2, 3], keepingDims: true)
+                let variance = xi.variance(alongAxes: [0, 2, 3], correction: 0, keepingDims: true)
+                let shape = [1, 3, 1, 1]
+                y = ((xi - mean) / (variance + 1e-5).sqrt() * wi.reshape(shape) + bi.reshape(shape)).relu()
+            }
+            (y * g).sum().backward()
+            return (y.doubles, xi.grad!.doubles, wi.grad!.doubles, bi.grad!.doubles)
+        }
+        let (fused, composed) = (run(true), run(false))
+        expectClose(fused.y, composed.y, tol: 1e-12)
+        expectClose(fused.gx, composed.gx, tol: 1e-12)
+        expectClose(fused.gw, composed.gw, tol: 1e-12)
+        expectClose(fused.gb, composed.gb, tol: 1e-12)
+        let withReLU = x.batchNorm(weight: w, bias: b, runningMean: nil, runningVariance: nil, training: true, applyingReLU: true)
+        expectClose(withReLU.doubles, fused.y, tol: 0)
+
+        let runningMean = Tensor.zeros([3], dtype: .float64), runningVariance = Tensor.ones([3], dtype: .float64)
+        _ = x.batchNorm(weight: w, bias: b, runningMean: runningMean, runningVariance: runningVariance, training: true,
+                        momentum: 0.25)
+        let m = x.mean(alongAxes: [0, 2, 3]).doubles, v = x.variance(alongAxes: [0, 2, 3], correction: 1).doubles
+        expectClose(runningMean.doubles, m.map { 0.25 * $0 }, tol: 1e-14)
+        expectClose(runningVariance.doubles, v.map { 0.75 + 0.25 * $0 }, tol: 1e-14)
+        // Float32 runs the same kernels and agrees with Float64 to Float32 rounding.
+        let y32 = x.to(.float32).batchNorm(weight: w.to(.float32), bias: b.to(.float32), runningMean: nil,
+                                           runningVariance: nil, training: true)
+        let y64 = x.batchNorm(weight: w, bias: b, runningMean: nil, runningVariance: nil, training: true)
+        expectClose(y32.doubles, y64.doubles, tol: 2e-6)
+    }
+
     @Test func pooling() {
         let x = randn([2, 2, 5, 6], seed: 80)
         expectGradients([x]) { $0[0].maxPool2d(kernel: 2) }
