@@ -7,8 +7,12 @@
 import CBLAS
 import Foundation
 import Kappa
+import KappaCommands
 import KappaNN
 import KappaSSL
+
+// The same BLAS kernels as the programs it measures (DINOvMF re-runs itself with them too).
+HostSetup.useFastestBLASKernels()
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
@@ -42,7 +46,7 @@ var rng = RandomGenerator(seed: 1)
 if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet) memory\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet) memory\n")
 
 if wants("matmul") {
 

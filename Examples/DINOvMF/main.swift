@@ -6,4 +6,5 @@ import KappaCommands
 
 KappaCommand.name = "DINOvMF"
 KappaCommand.defaultMethod = .dinoVMF
+HostSetup.useFastestBLASKernels()
 KappaCommand.main()

@@ -9,6 +9,7 @@ import ArgumentParser
 import Foundation
 import Kappa
 import KappaNN
+import KappaCommands
 import KappaSSL
 
 struct Supervised: ParsableCommand {
@@ -67,4 +68,5 @@ struct Supervised: ParsableCommand {
     }
 }
 
+HostSetup.useFastestBLASKernels()
 Supervised.main()

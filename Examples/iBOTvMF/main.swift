@@ -6,4 +6,5 @@ import KappaCommands
 
 KappaCommand.name = "iBOTvMF"
 KappaCommand.defaultMethod = .ibotVMF
+HostSetup.useFastestBLASKernels()
 KappaCommand.main()

@@ -1,4 +1,5 @@
 import CBLAS
+import CKappaKernels
 import Dispatch
 import Foundation
 
@@ -52,6 +53,43 @@ public enum Threads {
             precondition(newValue >= 1, "Threads.count: \(newValue) threads")
             Parallel.cores = newValue
             openblas_set_num_threads(Int32(newValue))
+        }
+    }
+}
+
+/// What the host's BLAS and Kappa's own C kernels run on.
+public enum HostKernels {
+    /// The kernel family OpenBLAS chose for this CPU at load time (`openblas_get_corename`),
+    /// for example "SkylakeX", "Haswell", "Zen" or "Prescott".
+    public static var openBLASCore: String { String(cString: openblas_get_corename()) }
+
+    /// The vector level Kappa's C kernels run at on this CPU: "AVX-512", "AVX2" or "baseline".
+    public static var vectorLevel: String {
+        switch kappa_cpu_vector_level() {
+        case 3: return "AVX-512"
+        case 2: return "AVX2"
+        default: return "baseline"
+        }
+    }
+
+    /// OpenBLAS kernel families of the SSE era. An OpenBLAS older than the CPU it runs on
+    /// (Debian 12's 0.3.21 on Sapphire or Emerald Rapids, for example) does not recognize its
+    /// model number and falls back to one of these, whose `sgemm` is 4–5× slower there.
+    static let genericCores: Set<String> = ["prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai",
+                                            "coppermine", "northwood", "banias", "opteron", "opteron_sse3", "barcelona",
+                                            "bobcat", "sandybridge"]
+
+    /// The `OPENBLAS_CORETYPE` that would give this CPU the kernels its vector units support,
+    /// when OpenBLAS fell back to a generic family: "SkylakeX" with AVX-512, "Haswell" with
+    /// AVX2 and FMA; `nil` when OpenBLAS chose well (or the CPU has neither). OpenBLAS reads
+    /// the variable once, when it is loaded, so a program that wants it must set it before
+    /// it starts (the command-line programs re-run themselves with it).
+    public static var suggestedOpenBLASCore: String? {
+        guard genericCores.contains(openBLASCore.lowercased()) else { return nil }
+        switch kappa_cpu_vector_level() {
+        case 3: return "SkylakeX"
+        case 2: return "Haswell"
+        default: return nil
         }
     }
 }

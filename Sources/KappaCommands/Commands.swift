@@ -264,7 +264,7 @@ struct Train: ParsableCommand {
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
                                              mixedPolarity: data.isBuiltin)
         guard config.batchSize <= train.count else { throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images") }
-        print("\(model.method.rawValue) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads")
+        print("\(model.method.rawValue) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
                                       output: common.output)
         session.evaluateEvery = common.evalEvery
