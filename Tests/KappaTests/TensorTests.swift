@@ -187,13 +187,17 @@ struct TensorTests {
     }
 
     /// Geometries that reach every branch of im2col/col2im: strides 1–3 on either axis,
-    /// padding wider than the kernel's reach (whole rows and columns outside), dilation.
+    /// padding wider than the kernel's reach (whole rows and columns outside), dilation, the
+    /// wide grid of stride 1 with and without padding, and the pointwise 1×1 product.
     static let convGeometries: [(kernel: Size2, stride: Size2, padding: Size2, dilation: Size2)] = [
         (Size2(3, 2), Size2(2, 1), Size2(1, 2), Size2(1, 2)),
         (Size2(3, 3), Size2(1, 1), Size2(1, 1), Size2(1, 1)),
         (Size2(1, 1), Size2(2, 2), Size2(0, 0), Size2(1, 1)),
         (Size2(2, 3), Size2(3, 2), Size2(3, 4), Size2(2, 1)),
         (Size2(3, 1), Size2(1, 3), Size2(2, 0), Size2(2, 1)),
+        (Size2(3, 3), Size2(1, 1), Size2(0, 0), Size2(1, 1)),
+        (Size2(1, 1), Size2(1, 1), Size2(0, 0), Size2(1, 1)),
+        (Size2(3, 2), Size2(1, 1), Size2(2, 1), Size2(2, 1)),
     ]
 
     @Test(arguments: convGeometries.indices) func convolutionMatchesDirectSum(geometry: Int) {

@@ -23,13 +23,32 @@ typedef struct {
     long c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
 } kappa_conv_geometry;
 
-// cols[(ci·kh + i)·kw + j][y·ow + x] = img[ci][y·sh − ph + i·dh][x·sw − pw + j·dw] (0 outside);
-// rows of cols are row_stride apart.
-void kappa_im2col_f32(const float *img, float *cols, const kappa_conv_geometry *g, long row_stride);
-void kappa_im2col_f64(const double *img, double *cols, const kappa_conv_geometry *g, long row_stride);
-// The adjoint of im2col: img[...] += cols[...].
-void kappa_col2im_f32(const float *cols, float *img, const kappa_conv_geometry *g, long row_stride);
-void kappa_col2im_f64(const double *cols, double *img, const kappa_conv_geometry *g, long row_stride);
+// The image [c, h, w] with zero padding: padded [c, h + 2ph, w + 2pw]; and back (the interior).
+void kappa_pad_f32(const float *img, float *padded, long c, long h, long w, long ph, long pw);
+void kappa_pad_f64(const double *img, double *padded, long c, long h, long w, long ph, long pw);
+void kappa_unpad_f32(const float *padded, float *img, long c, long h, long w, long ph, long pw);
+void kappa_unpad_f64(const double *padded, double *img, long c, long h, long w, long ph, long pw);
+// cols[(ci·kh + i)·kw + j][y·ow + x] = padded[ci][y·sh + i·dh][x·sw + j·dw], from the padded
+// image; rows of cols are row_stride apart (several images can share one column matrix).
+void kappa_im2col_f32(const float *padded, float *cols, const kappa_conv_geometry *g, long row_stride);
+void kappa_im2col_f64(const double *padded, double *cols, const kappa_conv_geometry *g, long row_stride);
+// The adjoint of im2col: padded[...] += cols[...].
+void kappa_col2im_f32(const float *cols, float *padded, const kappa_conv_geometry *g, long row_stride);
+void kappa_col2im_f64(const double *cols, double *padded, const kappa_conv_geometry *g, long row_stride);
+// Stride 1 on the "wide" grid: output rows as wide as the padded image (w + 2pw, of which
+// the first ow are the output and the rest are discarded), so that each row of cols is one
+// contiguous slab of the padded image (a memcpy) and col2im one contiguous add. The padded
+// buffer needs (kw − 1)·dw elements after the image (read only into discarded columns).
+void kappa_im2col_wide_f32(const float *padded, float *cols, const kappa_conv_geometry *g, long row_stride);
+void kappa_im2col_wide_f64(const double *padded, double *cols, const kappa_conv_geometry *g, long row_stride);
+void kappa_col2im_wide_f32(const float *cols, float *padded, const kappa_conv_geometry *g, long row_stride);
+void kappa_col2im_wide_f64(const double *cols, double *padded, const kappa_conv_geometry *g, long row_stride);
+// [images, rows, oh, ow] <-> [rows, images·oh·width] (width ≥ ow, the extra columns 0 when
+// widening and dropped when narrowing): image n's block of row r at column n·oh·width.
+void kappa_widen_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
+void kappa_widen_f64(const double *src, double *dst, long images, long rows, long oh, long ow, long width);
+void kappa_narrow_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
+void kappa_narrow_f64(const double *src, double *dst, long images, long rows, long oh, long ow, long width);
 
 // Batch normalization over [n, c, l] (channel axis in the middle, l contiguous), for the
 // channels c0..<c1. Statistics: mean and 1/sqrt(var + eps) (biased variance, two passes,

@@ -1,8 +1,11 @@
+import CKappaKernels
+
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
-// conv2d is im2col and one BLAS product per image, the images split over the cores; its VJP
-// recomputes the columns (trading a cheap copy for memory), gets the weight gradient as
-// Σ G·colsᵀ and the input gradient as col2im(Wᵀ·G). Pooling and resizing are explicit
+// conv2d is im2col (C kernels on the zero-padded image) and BLAS products, one per image or,
+// where an image's output is small, one per group of images sharing a column matrix; the
+// images are split over the cores. Its VJP recomputes the columns (trading a cheap copy for
+// memory), gets the weight gradient as Σ G·colsᵀ and the input gradient as col2im(Wᵀ·G). Pooling and resizing are explicit
 // window/tap kernels whose VJPs scatter the gradient back through the same windows/taps.
 
 /// A pair of sizes for the two spatial axes (height, width).
@@ -54,7 +57,7 @@ extension Tensor {
         }
         Tape.record("conv2d", [self, weight], out) { g in
             let gc = g.contiguousData()
-            let gx = Tensor.zeros(x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
+            let gx = Tensor(uninitialized: x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
             switch x.dtype {
             case .float32: convBackward(x, wt, gc, gx, gw, geo, Float.self)
             case .float64: convBackward(x, wt, gc, gx, gw, geo, Double.self)
@@ -192,67 +195,27 @@ struct ConvGeometry {
     var colCols: Int { oh * ow }
 }
 
-/// The output columns x whose input column x·sw − pw + j·dw lies inside the image: x in
-/// lower..<upper (empty when lower ≥ upper).
-@inline(__always)
-private func validColumns(_ g: ConvGeometry, _ j: Int) -> (lower: Int, upper: Int) {
-    let offset = g.pw - j * g.dw                       // ix = x·sw − offset
-    let lower = offset <= 0 ? 0 : (offset + g.sw - 1) / g.sw
-    let last = g.w - 1 + offset                        // ix ≤ w − 1  ⇔  x ≤ last / sw
-    let upper = last < 0 ? 0 : Swift.min(g.ow, last / g.sw + 1)
-    return (Swift.min(lower, g.ow), upper)
-}
-
-/// cols[(ci·kh + i)·kw + j, y·ow + x] = image[ci, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 outside);
-/// rows of `cols` are `rowStride` apart. The inside columns of each row are found once, so
-/// the inner loop has no bounds test (a plain copy at stride 1).
-private func im2col<T: TensorScalar>(_ img: UnsafePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
-    for ci in 0..<g.c {
-        for i in 0..<g.kh {
-            for j in 0..<g.kw {
-                let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
-                let (lower, upper) = validColumns(g, j)
-                let first = lower * g.sw - g.pw + j * g.dw
-                for y in 0..<g.oh {
-                    let iy = y * g.sh - g.ph + i * g.dh
-                    let dst = row + y * g.ow
-                    if iy < 0 || iy >= g.h || lower >= upper {
-                        dst.update(repeating: 0, count: g.ow)
-                        continue
-                    }
-                    if lower > 0 { dst.update(repeating: 0, count: lower) }
-                    if upper < g.ow { (dst + upper).update(repeating: 0, count: g.ow - upper) }
-                    let src = img + (ci * g.h + iy) * g.w + first
-                    if g.sw == 1 {
-                        (dst + lower).update(from: src, count: upper - lower)
-                    } else {
-                        for x in 0..<(upper - lower) { dst[lower + x] = src[x * g.sw] }
-                    }
-                }
-            }
-        }
+extension ConvGeometry {
+    var c_geometry: kappa_conv_geometry {
+        kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
-}
-
-/// The adjoint of im2col: image[...] += cols[...] over the same correspondence.
-private func col2im<T: TensorScalar>(_ cols: UnsafePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
-    for ci in 0..<g.c {
-        for i in 0..<g.kh {
-            for j in 0..<g.kw {
-                let row = cols + ((ci * g.kh + i) * g.kw + j) * rowStride
-                let (lower, upper) = validColumns(g, j)
-                guard lower < upper else { continue }
-                let first = lower * g.sw - g.pw + j * g.dw
-                for y in 0..<g.oh {
-                    let iy = y * g.sh - g.ph + i * g.dh
-                    if iy < 0 || iy >= g.h { continue }
-                    let dst = img + (ci * g.h + iy) * g.w + first
-                    let src = row + y * g.ow + lower
-                    for x in 0..<(upper - lower) { dst[x * g.sw] += src[x] }
-                }
-            }
-        }
-    }
+    /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
+    var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
+    /// Stride 1 on the wide grid (output rows as wide as the padded image, the extra columns
+    /// computed and dropped), where that costs at most half again the products: each row of
+    /// the column matrix is then one contiguous slab of the padded image.
+    var isWide: Bool { sh == 1 && sw == 1 && !isPointwise && 2 * (w + 2 * pw) <= 3 * ow }
+    /// Columns per output row in the column matrix, and per image.
+    var width: Int { isWide ? w + 2 * pw : ow }
+    var span: Int { oh * width }
+    /// Whether the columns are taken from a zero-padded copy of the image.
+    var usesPaddedCopy: Bool { ph > 0 || pw > 0 || isWide }
+    /// Elements of one image with its zero padding, and the tail the wide grid reads.
+    var paddedSize: Int { c * (h + 2 * ph) * (w + 2 * pw) + (isWide ? (kw - 1) * dw : 0) }
+    /// Images that share one column matrix and one product: one when an image's output is
+    /// large enough to keep BLAS busy, else enough for about 1,024 columns (a small ResNet's
+    /// last stages have 4×4 or 2×2 outputs: one product per image would be a sliver).
+    func group(_ images: Int) -> Int { Swift.max(1, Swift.min(images, 1024 / Swift.max(span, 1))) }
 }
 
 /// The number of chunks a batch of `b` images is split into, one per core when the work
@@ -274,42 +237,134 @@ private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ i
     Parallel.forEachChunk(chunks, serialBLAS: true) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
 }
 
-/// Forward, image by image: cols [C·kh·kw, L] of the image, then out[n] = W · cols, [O, L].
+/// The C kernels of im2col and its helpers, for either element type.
+private enum ConvKernels<T: TensorScalar> {
+    static func pad(_ img: UnsafeMutablePointer<T>, _ padded: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_pad_f32(f32(img), f32(padded), g.c, g.h, g.w, g.ph, g.pw) }
+        else { kappa_pad_f64(f64(img), f64(padded), g.c, g.h, g.w, g.ph, g.pw) }
+    }
+    static func unpad(_ padded: UnsafeMutablePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_unpad_f32(f32(padded), f32(img), g.c, g.h, g.w, g.ph, g.pw) }
+        else { kappa_unpad_f64(f64(padded), f64(img), g.c, g.h, g.w, g.ph, g.pw) }
+    }
+    static func im2col(_ padded: UnsafeMutablePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
+        var cg = g.c_geometry
+        switch (T.self == Float.self, g.isWide) {
+        case (true, true): kappa_im2col_wide_f32(f32(padded), f32(cols), &cg, rowStride)
+        case (true, false): kappa_im2col_f32(f32(padded), f32(cols), &cg, rowStride)
+        case (false, true): kappa_im2col_wide_f64(f64(padded), f64(cols), &cg, rowStride)
+        case (false, false): kappa_im2col_f64(f64(padded), f64(cols), &cg, rowStride)
+        }
+    }
+    static func col2im(_ cols: UnsafeMutablePointer<T>, _ padded: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
+        var cg = g.c_geometry
+        switch (T.self == Float.self, g.isWide) {
+        case (true, true): kappa_col2im_wide_f32(f32(cols), f32(padded), &cg, rowStride)
+        case (true, false): kappa_col2im_f32(f32(cols), f32(padded), &cg, rowStride)
+        case (false, true): kappa_col2im_wide_f64(f64(cols), f64(padded), &cg, rowStride)
+        case (false, false): kappa_col2im_f64(f64(cols), f64(padded), &cg, rowStride)
+        }
+    }
+    /// out[images, rows, oh, ow] → [rows, images·span], the wide grid's extra columns 0.
+    static func widen(_ src: UnsafeMutablePointer<T>, _ dst: UnsafeMutablePointer<T>, images: Int, rows: Int, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_widen_f32(f32(src), f32(dst), images, rows, g.oh, g.ow, g.width) }
+        else { kappa_widen_f64(f64(src), f64(dst), images, rows, g.oh, g.ow, g.width) }
+    }
+    /// [rows, images·span] → out[images, rows, oh, ow], the wide grid's extra columns dropped.
+    static func narrow(_ src: UnsafeMutablePointer<T>, _ dst: UnsafeMutablePointer<T>, images: Int, rows: Int, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_narrow_f32(f32(src), f32(dst), images, rows, g.oh, g.ow, g.width) }
+        else { kappa_narrow_f64(f64(src), f64(dst), images, rows, g.oh, g.ow, g.width) }
+    }
+
+    /// The column matrix [C·kh·kw, count·span] of images first..<first+count (image j at
+    /// column j·span), or the image itself for a pointwise convolution of one image.
+    static func columns(_ px: UnsafeMutablePointer<T>, first: Int, count: Int, _ g: ConvGeometry,
+                        padded: UnsafeMutablePointer<T>, cols: UnsafeMutablePointer<T>) -> UnsafeMutablePointer<T> {
+        let imageSize = g.c * g.h * g.w
+        if g.isPointwise && count == 1 { return px + first * imageSize }
+        for j in 0..<count {
+            let img = px + (first + j) * imageSize
+            if g.usesPaddedCopy { pad(img, padded, g) }
+            im2col(g.usesPaddedCopy ? padded : img, cols + j * g.span, g, rowStride: count * g.span)
+        }
+        return cols
+    }
+}
+
+/// Forward: for each group of images (see ``ConvGeometry/group(_:)``), their columns
+/// [C·kh·kw, n·span] and one product W · cols = [O, n·span], laid out as out[n] = [O, H', W'].
 private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0], l = g.colCols, size = g.colRows * l
-    let chunks = imageChunks(b, work: o * size)
-    let scratch = Tensor(uninitialized: [chunks, size], dtype: x.dtype)
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows
+    let chunks = imageChunks(b, work: o * k * l)
+    let group = g.group((b + chunks - 1) / chunks)
+    let perChunk = g.paddedSize + k * group * g.span + o * group * g.span
+    let scratch = Tensor(uninitialized: [chunks, perChunk], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), ps = scratch.pointer(T.self)
     forEachImageChunk(b, chunks: chunks) { chunk, images in
-        let cols = ps + chunk * size
-        for n in images {
-            im2col(px + n * g.c * g.h * g.w, cols, g, rowStride: l)
-            gemm(false, false, o, l, g.colRows, pw, g.colRows, cols, l, po + n * o * l, l)
+        let padded = ps + chunk * perChunk, cols = padded + g.paddedSize, product = cols + k * group * g.span
+        padded.update(repeating: 0, count: g.paddedSize)  // the tail the wide grid reads stays 0
+        for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
+            let count = Swift.min(group, images.upperBound - first), n = count * g.span
+            let a = ConvKernels<T>.columns(px, first: first, count: count, g, padded: padded, cols: cols)
+            if count == 1 && !g.isWide {
+                gemm(false, false, o, l, k, pw, k, a, l, po + first * o * l, l)
+            } else {
+                gemm(false, false, o, n, k, pw, k, a, n, product, n)
+                ConvKernels<T>.narrow(product, po + first * o * l, images: count, rows: o, g)
+            }
         }
     }
 }
 
-/// Backward, image by image: dW += G[n] · colsᵀ (a partial sum per chunk, added at the end)
-/// and dx[n] = col2im(Wᵀ · G[n]).
+/// Backward, per group of images: G = [O, n·span] (the output gradient of the group, 0 on the
+/// wide grid's extra columns), the columns again, dW += G · colsᵀ (a partial sum per chunk,
+/// added at the end) and dx = col2im(Wᵀ · G), folded back into each image's padded gradient.
 private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
                                            _ g: ConvGeometry, _: T.Type) {
-    let b = x.shape[0], o = w.shape[0], l = g.colCols, size = g.colRows * l, wsize = o * g.colRows
-    let chunks = imageChunks(b, work: 3 * o * size)
-    let scratch = Tensor(uninitialized: [chunks, 2 * size + wsize], dtype: x.dtype)
+    let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows, wsize = o * k
+    let imageSize = g.c * g.h * g.w
+    let chunks = imageChunks(b, work: 3 * o * k * l)
+    let group = g.group((b + chunks - 1) / chunks)
+    let perChunk = wsize + g.paddedSize + 2 * k * group * g.span + o * group * g.span
+    let scratch = Tensor(uninitialized: [chunks, perChunk], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
     let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), ps = scratch.pointer(T.self)
     forEachImageChunk(b, chunks: chunks) { chunk, images in
-        let cols = ps + chunk * (2 * size + wsize), gcols = cols + size, dw = gcols + size
+        let dw = ps + chunk * perChunk, padded = dw + wsize, cols = padded + g.paddedSize
+        let dcols = cols + k * group * g.span, gmat = dcols + k * group * g.span
         dw.update(repeating: 0, count: wsize)
-        for n in images {
-            im2col(px + n * g.c * g.h * g.w, cols, g, rowStride: l)
-            gemm(false, true, o, g.colRows, l, pg + n * o * l, l, cols, l, dw, g.colRows, beta: 1)
-            gemm(true, false, g.colRows, l, o, pw, g.colRows, pg + n * o * l, l, gcols, l)
-            col2im(gcols, pgx + n * g.c * g.h * g.w, g, rowStride: l)
+        padded.update(repeating: 0, count: g.paddedSize)
+        for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
+            let count = Swift.min(group, images.upperBound - first), n = count * g.span
+            let gm: UnsafeMutablePointer<T>
+            if count == 1 && !g.isWide {
+                gm = pg + first * o * l
+            } else {
+                ConvKernels<T>.widen(pg + first * o * l, gmat, images: count, rows: o, g)
+                gm = gmat
+            }
+            let a = ConvKernels<T>.columns(px, first: first, count: count, g, padded: padded, cols: cols)
+            gemm(false, true, o, k, n, gm, n, a, n, dw, k, beta: 1)
+            if g.isPointwise && count == 1 {
+                gemm(true, false, k, n, o, pw, k, gm, n, pgx + first * imageSize, n)
+                continue
+            }
+            gemm(true, false, k, n, o, pw, k, gm, n, dcols, n)
+            for j in 0..<count {
+                let dst = pgx + (first + j) * imageSize
+                if g.usesPaddedCopy {
+                    padded.update(repeating: 0, count: g.paddedSize)
+                    ConvKernels<T>.col2im(dcols + j * g.span, padded, g, rowStride: n)
+                    ConvKernels<T>.unpad(padded, dst, g)
+                } else {
+                    dst.update(repeating: 0, count: imageSize)
+                    ConvKernels<T>.col2im(dcols + j * g.span, dst, g, rowStride: n)
+                }
+            }
         }
     }
     for c in 0..<chunks {
-        let dw = ps + c * (2 * size + wsize) + 2 * size
+        let dw = ps + c * perChunk
         for i in 0..<wsize { pgw[i] += dw[i] }
     }
 }
