@@ -88,28 +88,6 @@ int kappa_cpu_vector_level(void) {
                     }                                                                                             \
                 }                                                                                                 \
     }                                                                                                             \
-    KAPPA_CLONES void kappa_im2col_wide_##SUFFIX(const T *padded, T *cols, const kappa_conv_geometry *g,          \
-                                                 long row_stride) {                                               \
-        long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, n = g->oh * wp;                                        \
-        for (long ci = 0; ci < g->c; ci++)                                                                        \
-            for (long i = 0; i < g->kh; i++)                                                                      \
-                for (long j = 0; j < g->kw; j++) {                                                                \
-                    T *restrict dst = cols + ((ci * g->kh + i) * g->kw + j) * row_stride;                         \
-                    const T *restrict src = padded + (ci * hp + i * g->dh) * wp + j * g->dw;                      \
-                    memcpy(dst, src, (size_t)n * sizeof(T));                                                      \
-                }                                                                                                 \
-    }                                                                                                             \
-    KAPPA_CLONES void kappa_col2im_wide_##SUFFIX(const T *cols, T *padded, const kappa_conv_geometry *g,          \
-                                                 long row_stride) {                                               \
-        long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, n = g->oh * wp;                                        \
-        for (long ci = 0; ci < g->c; ci++)                                                                        \
-            for (long i = 0; i < g->kh; i++)                                                                      \
-                for (long j = 0; j < g->kw; j++) {                                                                \
-                    const T *restrict src = cols + ((ci * g->kh + i) * g->kw + j) * row_stride;                   \
-                    T *restrict dst = padded + (ci * hp + i * g->dh) * wp + j * g->dw;                            \
-                    for (long k = 0; k < n; k++) dst[k] += src[k];                                                \
-                }                                                                                                 \
-    }                                                                                                             \
     KAPPA_CLONES void kappa_widen_##SUFFIX(const T *src, T *dst, long images, long rows, long oh, long ow,        \
                                            long width) {                                                          \
         for (long n = 0; n < images; n++)                                                                         \

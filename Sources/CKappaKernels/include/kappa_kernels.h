@@ -35,14 +35,9 @@ void kappa_im2col_f64(const double *padded, double *cols, const kappa_conv_geome
 // The adjoint of im2col: padded[...] += cols[...].
 void kappa_col2im_f32(const float *cols, float *padded, const kappa_conv_geometry *g, long row_stride);
 void kappa_col2im_f64(const double *cols, double *padded, const kappa_conv_geometry *g, long row_stride);
-// Stride 1 on the "wide" grid: output rows as wide as the padded image (w + 2pw, of which
-// the first ow are the output and the rest are discarded), so that each row of cols is one
-// contiguous slab of the padded image (a memcpy) and col2im one contiguous add. The padded
-// buffer needs (kw − 1)·dw elements after the image (read only into discarded columns).
-void kappa_im2col_wide_f32(const float *padded, float *cols, const kappa_conv_geometry *g, long row_stride);
-void kappa_im2col_wide_f64(const double *padded, double *cols, const kappa_conv_geometry *g, long row_stride);
-void kappa_col2im_wide_f32(const float *cols, float *padded, const kappa_conv_geometry *g, long row_stride);
-void kappa_col2im_wide_f64(const double *cols, double *padded, const kappa_conv_geometry *g, long row_stride);
+// On the "wide" grid of a stride-1 convolution, output rows are as wide as the padded image
+// (w + 2pw; the first ow are the output, the rest are dropped), so that tap (i, j) of the
+// kernel reads the padded image at one fixed offset (Conv.swift).
 // [images, rows, oh, ow] <-> [rows, images·oh·width] (width ≥ ow, the extra columns 0 when
 // widening and dropped when narrowing): image n's block of row r at column n·oh·width.
 void kappa_widen_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);

@@ -202,9 +202,14 @@ extension ConvGeometry {
     /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
     var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
     /// Stride 1 on the wide grid (output rows as wide as the padded image, the extra columns
-    /// computed and dropped), where that costs at most half again the products: each row of
-    /// the column matrix is then one contiguous slab of the padded image.
+    /// computed and dropped), where that costs at most half again the products. Tap (i, j) of
+    /// the kernel then reads the padded image at one fixed offset, so the convolution is a sum
+    /// of kh·kw products W_ij · (padded image shifted by the offset), with no im2col at all.
     var isWide: Bool { sh == 1 && sw == 1 && !isPointwise && 2 * (w + 2 * pw) <= 3 * ow }
+    /// The offset of tap (i, j) in the padded image, on the wide grid.
+    func tapOffset(_ i: Int, _ j: Int) -> Int { i * dh * (w + 2 * pw) + j * dw }
+    /// Elements of one padded channel plane.
+    var plane: Int { (h + 2 * ph) * (w + 2 * pw) }
     /// Columns per output row in the column matrix, and per image.
     var width: Int { isWide ? w + 2 * pw : ow }
     var span: Int { oh * width }
@@ -249,21 +254,13 @@ private enum ConvKernels<T: TensorScalar> {
     }
     static func im2col(_ padded: UnsafeMutablePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
         var cg = g.c_geometry
-        switch (T.self == Float.self, g.isWide) {
-        case (true, true): kappa_im2col_wide_f32(f32(padded), f32(cols), &cg, rowStride)
-        case (true, false): kappa_im2col_f32(f32(padded), f32(cols), &cg, rowStride)
-        case (false, true): kappa_im2col_wide_f64(f64(padded), f64(cols), &cg, rowStride)
-        case (false, false): kappa_im2col_f64(f64(padded), f64(cols), &cg, rowStride)
-        }
+        if T.self == Float.self { kappa_im2col_f32(f32(padded), f32(cols), &cg, rowStride) }
+        else { kappa_im2col_f64(f64(padded), f64(cols), &cg, rowStride) }
     }
     static func col2im(_ cols: UnsafeMutablePointer<T>, _ padded: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
         var cg = g.c_geometry
-        switch (T.self == Float.self, g.isWide) {
-        case (true, true): kappa_col2im_wide_f32(f32(cols), f32(padded), &cg, rowStride)
-        case (true, false): kappa_col2im_f32(f32(cols), f32(padded), &cg, rowStride)
-        case (false, true): kappa_col2im_wide_f64(f64(cols), f64(padded), &cg, rowStride)
-        case (false, false): kappa_col2im_f64(f64(cols), f64(padded), &cg, rowStride)
-        }
+        if T.self == Float.self { kappa_col2im_f32(f32(cols), f32(padded), &cg, rowStride) }
+        else { kappa_col2im_f64(f64(cols), f64(padded), &cg, rowStride) }
     }
     /// out[images, rows, oh, ow] → [rows, images·span], the wide grid's extra columns 0.
     static func widen(_ src: UnsafeMutablePointer<T>, _ dst: UnsafeMutablePointer<T>, images: Int, rows: Int, _ g: ConvGeometry) {
@@ -274,6 +271,14 @@ private enum ConvKernels<T: TensorScalar> {
     static func narrow(_ src: UnsafeMutablePointer<T>, _ dst: UnsafeMutablePointer<T>, images: Int, rows: Int, _ g: ConvGeometry) {
         if T.self == Float.self { kappa_narrow_f32(f32(src), f32(dst), images, rows, g.oh, g.ow, g.width) }
         else { kappa_narrow_f64(f64(src), f64(dst), images, rows, g.oh, g.ow, g.width) }
+    }
+
+    /// Weights [O, C, kh, kw] → taps [kh·kw, O, C], one [O, C] matrix per tap (and back, added).
+    static func taps(_ w: UnsafeMutablePointer<T>, _ t: UnsafeMutablePointer<T>, o: Int, _ g: ConvGeometry, back: Bool = false) {
+        let (c, kk) = (g.c, g.kh * g.kw)
+        for oi in 0..<o { for ci in 0..<c { for k in 0..<kk {
+            if back { w[(oi * c + ci) * kk + k] += t[(k * o + oi) * c + ci] } else { t[(k * o + oi) * c + ci] = w[(oi * c + ci) * kk + k] }
+        } } }
     }
 
     /// The column matrix [C·kh·kw, count·span] of images first..<first+count (image j at
@@ -291,22 +296,41 @@ private enum ConvKernels<T: TensorScalar> {
     }
 }
 
-/// Forward: for each group of images (see ``ConvGeometry/group(_:)``), their columns
-/// [C·kh·kw, n·span] and one product W · cols = [O, n·span], laid out as out[n] = [O, H', W'].
+/// Forward. On the wide grid, image by image: out = Σ_ij W_ij · shifted padded image, kh·kw
+/// products [O, C] × [C, H'·(W + 2pw)] that read the padded image in place (its channels one
+/// plane apart), then the extra columns dropped. Otherwise, for each group of images (see
+/// ``ConvGeometry/group(_:)``), their columns [C·kh·kw, n·span] and one product
+/// W · cols = [O, n·span], laid out as out[n] = [O, H', W'].
 private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
     let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows
     let chunks = imageChunks(b, work: o * k * l)
-    let group = g.group((b + chunks - 1) / chunks)
-    let perChunk = g.paddedSize + k * group * g.span + o * group * g.span
-    let scratch = Tensor(uninitialized: [chunks, perChunk], dtype: x.dtype)
+    let group = g.isWide ? 1 : g.group((b + chunks - 1) / chunks)
+    let perChunk = g.paddedSize + (g.isWide ? 0 : k * group * g.span) + o * group * g.span
+    let scratch = Tensor(uninitialized: [chunks * perChunk + (g.isWide ? o * k : 0)], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), ps = scratch.pointer(T.self)
+    let taps = ps + chunks * perChunk
+    if g.isWide { ConvKernels<T>.taps(pw, taps, o: o, g) }
+    let imageSize = g.c * g.h * g.w, n = g.span
     forEachImageChunk(b, chunks: chunks) { chunk, images in
-        let padded = ps + chunk * perChunk, cols = padded + g.paddedSize, product = cols + k * group * g.span
+        let padded = ps + chunk * perChunk, cols = padded + g.paddedSize
+        let product = cols + (g.isWide ? 0 : k * group * g.span)
         padded.update(repeating: 0, count: g.paddedSize)  // the tail the wide grid reads stays 0
+        if g.isWide {
+            for img in images {
+                ConvKernels<T>.pad(px + img * imageSize, padded, g)
+                for i in 0..<g.kh { for j in 0..<g.kw {
+                    let t = i * g.kw + j
+                    gemm(false, false, o, n, g.c, taps + t * o * g.c, g.c, padded + g.tapOffset(i, j), g.plane, product, n,
+                         beta: t == 0 ? 0 : 1)
+                } }
+                ConvKernels<T>.narrow(product, po + img * o * l, images: 1, rows: o, g)
+            }
+            return
+        }
         for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
             let count = Swift.min(group, images.upperBound - first), n = count * g.span
             let a = ConvKernels<T>.columns(px, first: first, count: count, g, padded: padded, cols: cols)
-            if count == 1 && !g.isWide {
+            if count == 1 {
                 gemm(false, false, o, l, k, pw, k, a, l, po + first * o * l, l)
             } else {
                 gemm(false, false, o, n, k, pw, k, a, n, product, n)
@@ -316,28 +340,49 @@ private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tenso
     }
 }
 
-/// Backward, per group of images: G = [O, n·span] (the output gradient of the group, 0 on the
-/// wide grid's extra columns), the columns again, dW += G · colsᵀ (a partial sum per chunk,
-/// added at the end) and dx = col2im(Wᵀ · G), folded back into each image's padded gradient.
+/// Backward. On the wide grid, image by image, with G = [O, H'·(W + 2pw)] the output gradient
+/// (0 on the extra columns): dW_ij += G · (shifted padded image)ᵀ and the padded input
+/// gradient, shifted, += W_ijᵀ · G, kh·kw products each, then its interior. Otherwise, per
+/// group of images: G = [O, n·span], the columns again, dW += G · colsᵀ and
+/// dx = col2im(Wᵀ · G), folded back into each image's padded gradient. The weight gradient
+/// is a partial sum per chunk of images, added at the end.
 private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
                                            _ g: ConvGeometry, _: T.Type) {
     let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows, wsize = o * k
     let imageSize = g.c * g.h * g.w
     let chunks = imageChunks(b, work: 3 * o * k * l)
-    let group = g.group((b + chunks - 1) / chunks)
-    let perChunk = wsize + g.paddedSize + 2 * k * group * g.span + o * group * g.span
-    let scratch = Tensor(uninitialized: [chunks, perChunk], dtype: x.dtype)
+    let group = g.isWide ? 1 : g.group((b + chunks - 1) / chunks)
+    let colsSize = g.isWide ? g.paddedSize : 2 * k * group * g.span   // wide: the padded input gradient
+    let perChunk = wsize + g.paddedSize + colsSize + o * group * g.span
+    let scratch = Tensor(uninitialized: [chunks * perChunk + (g.isWide ? wsize : 0)], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
     let pgx = gx.pointer(T.self), pgw = gw.pointer(T.self), ps = scratch.pointer(T.self)
+    let taps = ps + chunks * perChunk
+    if g.isWide { ConvKernels<T>.taps(pw, taps, o: o, g) }
     forEachImageChunk(b, chunks: chunks) { chunk, images in
         let dw = ps + chunk * perChunk, padded = dw + wsize, cols = padded + g.paddedSize
-        let dcols = cols + k * group * g.span, gmat = dcols + k * group * g.span
+        let dcols = cols + k * group * g.span, gmat = cols + colsSize
         dw.update(repeating: 0, count: wsize)
         padded.update(repeating: 0, count: g.paddedSize)
+        if g.isWide {
+            let dpadded = cols, n = g.span, c = g.c
+            for img in images {
+                ConvKernels<T>.widen(pg + img * o * l, gmat, images: 1, rows: o, g)
+                ConvKernels<T>.pad(px + img * imageSize, padded, g)
+                dpadded.update(repeating: 0, count: g.paddedSize)
+                for i in 0..<g.kh { for j in 0..<g.kw {
+                    let t = i * g.kw + j, off = g.tapOffset(i, j)
+                    gemm(false, true, o, c, n, gmat, n, padded + off, g.plane, dw + t * o * c, c, beta: 1)
+                    gemm(true, false, c, n, o, taps + t * o * c, c, gmat, n, dpadded + off, g.plane, beta: 1)
+                } }
+                ConvKernels<T>.unpad(dpadded, pgx + img * imageSize, g)
+            }
+            return
+        }
         for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
             let count = Swift.min(group, images.upperBound - first), n = count * g.span
             let gm: UnsafeMutablePointer<T>
-            if count == 1 && !g.isWide {
+            if count == 1 {
                 gm = pg + first * o * l
             } else {
                 ConvKernels<T>.widen(pg + first * o * l, gmat, images: count, rows: o, g)
@@ -365,7 +410,11 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
     }
     for c in 0..<chunks {
         let dw = ps + c * perChunk
-        for i in 0..<wsize { pgw[i] += dw[i] }
+        if g.isWide {
+            ConvKernels<T>.taps(pgw, dw, o: o, g, back: true)
+        } else {
+            for i in 0..<wsize { pgw[i] += dw[i] }
+        }
     }
 }
 
