@@ -1,4 +1,5 @@
-"""Joins KappaBench's and the PyTorch peer's `name<TAB>seconds` results into one table."""
+"""Joins KappaBench's and the PyTorch peer's `name<TAB>seconds` results into one table, one
+group of columns per thread count: compare.py THREADS KAPPA.tsv TORCH.tsv [THREADS KAPPA.tsv TORCH.tsv ...]."""
 import sys
 
 
@@ -23,10 +24,18 @@ def show(name, v):
     return f"{v * 1e6:.2f} µs"
 
 
-kappa, torch = read(sys.argv[1]), read(sys.argv[2])
-print("| workload | Kappa | PyTorch | Kappa / PyTorch |")
-print("|---|---:|---:|---:|")
-for name, k in kappa.items():
-    t = torch.get(name)
-    ratio = f"{k / t:.2f}" if t else "–"
-    print(f"| {name} | {show(name, k)} | {show(name, t)} | {ratio} |")
+args = sys.argv[1:]
+runs = [(args[i], read(args[i + 1]), read(args[i + 2])) for i in range(0, len(args), 3)]
+names = []
+for _, kappa, _ in runs:
+    names += [n for n in kappa if n not in names]
+header = "| workload |" + "".join(f" Kappa {t}T | PyTorch {t}T | ratio {t}T |" for t, _, _ in runs)
+print(header)
+print("|---|" + "---:|---:|---:|" * len(runs))
+for name in names:
+    row = f"| {name} |"
+    for _, kappa, torch in runs:
+        k, t = kappa.get(name), torch.get(name)
+        ratio = f"**{k / t:.2f}**" if k and t else "–"
+        row += f" {show(name, k)} | {show(name, t)} | {ratio} |"
+    print(row)

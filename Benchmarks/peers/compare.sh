@@ -1,17 +1,17 @@
 #!/bin/bash
-# Runs Kappa's benchmarks and the PyTorch peer one after the other, on the same machine with
-# the same thread count, and prints the ratio Kappa/PyTorch for every workload.
+# Runs Kappa's benchmarks and the PyTorch peer one after the other, on the same machine, at
+# 1 and at 2 threads (both sides set to the same count), and prints the ratio Kappa/PyTorch
+# for every workload at each thread count.
 #
-#   bash Benchmarks/peers/compare.sh [sections...]     (sections: matmul elementwise overhead vmf step)
+#   bash Benchmarks/peers/compare.sh [sections...]
+#     sections: matmul elementwise overhead vmf step, or one step: ref-resnet ref-micro ref-tiny
 #
 # PyTorch comes from PyPI, in a virtual environment outside the repository:
-#   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch
-# PEER_PYTHON names another interpreter; THREADS sets the threads of both (default 2).
+#   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy
+# PEER_PYTHON names another interpreter; THREAD_COUNTS the thread counts (default "1 2").
 # Without PyTorch the Kappa figures are printed alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export THREADS=${THREADS:-2}
-export OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 PYTHON=${PEER_PYTHON:-/tmp/peers/bin/python}
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(matmul elementwise overhead vmf step)
@@ -19,13 +19,24 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 swift build -c release --product KappaBench >/dev/null
-echo "Kappa: $(uname -m), $(nproc) cores, $THREADS threads; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-KAPPA_BENCH_RESULTS="$out/kappa.tsv" .build/release/KappaBench "${sections[@]}" > "$out/kappa.log"
+echo "$(uname -m), $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+have_torch=0
 if "$PYTHON" -c "import torch" 2>/dev/null; then
-    echo "PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') (eager, CPU), $THREADS threads"
-    "$PYTHON" Benchmarks/peers/pytorch_peer.py "$out/torch.tsv" "${sections[@]}"
+    have_torch=1
+    echo "PyTorch $("$PYTHON" -c 'import torch; print(torch.__version__)') (eager, CPU)"
 else
-    echo "PyTorch not found at $PYTHON: Kappa's figures only (python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch)"
-    : > "$out/torch.tsv"
+    echo "PyTorch not found at $PYTHON: Kappa's figures only (python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy)"
 fi
-python3 Benchmarks/peers/compare.py "$out/kappa.tsv" "$out/torch.tsv"
+files=()
+for t in ${THREAD_COUNTS:-1 2}; do
+    export THREADS=$t OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t
+    KAPPA_BENCH_RESULTS="$out/kappa$t.tsv" .build/release/KappaBench "${sections[@]}" > "$out/kappa$t.log"
+    head -1 "$out/kappa$t.log"
+    : > "$out/torch$t.tsv"
+    if [ $have_torch = 1 ]; then
+        "$PYTHON" -W ignore Benchmarks/peers/pytorch_peer.py "$out/torch$t.tsv" "${sections[@]}" > "$out/torch$t.log"
+    fi
+    files+=("$t" "$out/kappa$t.tsv" "$out/torch$t.tsv")
+done
+grep -h "parameters" "$out"/kappa*.log "$out"/torch*.log 2>/dev/null | sort -u || true
+python3 Benchmarks/peers/compare.py "${files[@]}"

@@ -88,6 +88,58 @@ int kappa_cpu_vector_level(void) {
                     }                                                                                             \
                 }                                                                                                 \
     }                                                                                                             \
+    KAPPA_CLONES void kappa_phase_##SUFFIX(const T *img, T *buf, long c, long h, long w, long ph, long pw, long sh,   \
+                                           long sw, long hq, long wq) {                                           \
+        for (long ci = 0; ci < c; ci++)                                                                           \
+            for (long a = 0; a < sh; a++)                                                                         \
+                for (long b = 0; b < sw; b++) {                                                                   \
+                    T *plane = buf + ((ci * sh + a) * sw + b) * hq * wq;                                          \
+                    long x0 = pw - b <= 0 ? 0 : (pw - b + sw - 1) / sw;                                           \
+                    long x1 = w + pw - b <= 0 ? 0 : (w + pw - b + sw - 1) / sw;                                   \
+                    if (x0 > wq) x0 = wq;                                                                         \
+                    if (x1 > wq) x1 = wq;                                                                         \
+                    if (x1 < x0) x1 = x0;                                                                         \
+                    for (long y = 0; y < hq; y++) {                                                               \
+                        long iy = y * sh + a - ph;                                                                \
+                        T *restrict row = plane + y * wq;                                                         \
+                        if (iy < 0 || iy >= h) {                                                                  \
+                            for (long x = 0; x < wq; x++) row[x] = 0;                                             \
+                            continue;                                                                             \
+                        }                                                                                         \
+                        const T *restrict src = img + (ci * h + iy) * w + b - pw;                                 \
+                        for (long x = 0; x < x0; x++) row[x] = 0;                                                 \
+                        if (sw == 1) {                                                                            \
+                            for (long x = x0; x < x1; x++) row[x] = src[x];                                       \
+                        } else {                                                                                  \
+                            for (long x = x0; x < x1; x++) row[x] = src[x * sw];                                  \
+                        }                                                                                         \
+                        for (long x = x1; x < wq; x++) row[x] = 0;                                                \
+                    }                                                                                             \
+                }                                                                                                 \
+    }                                                                                                             \
+    KAPPA_CLONES void kappa_unphase_##SUFFIX(const T *buf, T *img, long c, long h, long w, long ph, long pw,      \
+                                             long sh, long sw, long hq, long wq) {                                \
+        for (long ci = 0; ci < c; ci++)                                                                           \
+            for (long a = 0; a < sh; a++)                                                                         \
+                for (long b = 0; b < sw; b++) {                                                                   \
+                    const T *plane = buf + ((ci * sh + a) * sw + b) * hq * wq;                                    \
+                    long x0 = pw - b <= 0 ? 0 : (pw - b + sw - 1) / sw;                                           \
+                    long x1 = w + pw - b <= 0 ? 0 : (w + pw - b + sw - 1) / sw;                                   \
+                    if (x0 > wq) x0 = wq;                                                                         \
+                    if (x1 > wq) x1 = wq;                                                                         \
+                    for (long y = 0; y < hq; y++) {                                                               \
+                        long iy = y * sh + a - ph;                                                                \
+                        if (iy < 0 || iy >= h) continue;                                                          \
+                        const T *restrict row = plane + y * wq;                                                   \
+                        T *restrict dst = img + (ci * h + iy) * w + b - pw;                                       \
+                        if (sw == 1) {                                                                            \
+                            for (long x = x0; x < x1; x++) dst[x] = row[x];                                       \
+                        } else {                                                                                  \
+                            for (long x = x0; x < x1; x++) dst[x * sw] = row[x];                                  \
+                        }                                                                                         \
+                    }                                                                                             \
+                }                                                                                                 \
+    }                                                                                                             \
     KAPPA_CLONES void kappa_widen_##SUFFIX(const T *src, T *dst, long images, long rows, long oh, long ow,        \
                                            long width) {                                                          \
         for (long n = 0; n < images; n++)                                                                         \
@@ -272,3 +324,190 @@ DEFINE_IM2COL(double, f64)
 
 DEFINE_BN(float, f32)
 DEFINE_BN(double, f64)
+
+// MARK: Elementwise (Float32)
+
+#include <stdint.h>
+
+// e^x as Kappa's Swift fastExp: Cody–Waite reduction x = k·ln2 + r with k rounded by the
+// magic-number trick, Cephes' degree-7 polynomial, 2^k in two exponent factors.
+static inline float kappa_expf(float x) {
+    float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float t = xc * 1.442695041f + 12582912.0f;
+    float k = t - 12582912.0f;
+    int32_t bits;
+    memcpy(&bits, &t, 4);
+    bits -= 0x4B400000;
+    float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1;
+    int32_t half = bits >> 1;
+    uint32_t e1 = (uint32_t)(half + 127) << 23, e2 = (uint32_t)(bits - half + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &e1, 4);
+    memcpy(&s2, &e2, 4);
+    float y = p * s1 * s2;
+    return x < -87.3f ? 0 : (x > 88.7f ? __builtin_inff() : (x != x ? x : y));
+}
+
+// Φ(x) = erfc(−x/√2)/2 with Numerical Recipes' erfcc (fractional error < 1.2e-7), as the
+// Swift fastNormalCDF.
+static inline float kappa_normal_cdf(float x) {
+    float z = -x * 0.70710678118654752440f;
+    float a = z < 0 ? -z : z;
+    float t = 1 / (1 + 0.5f * a);
+    float p = 0.17087277f;
+    p = p * t - 0.82215223f;
+    p = p * t + 1.48851587f;
+    p = p * t - 1.13520398f;
+    p = p * t + 0.27886807f;
+    p = p * t - 0.18628806f;
+    p = p * t + 0.09678418f;
+    p = p * t + 0.37409196f;
+    p = p * t + 1.00002368f;
+    p = p * t - 1.26551223f;
+    float erfc_abs = t * kappa_expf(-a * a + p);
+    float erfc = z >= 0 ? erfc_abs : 2 - erfc_abs;
+    return x != x ? x : erfc * 0.5f;
+}
+
+KAPPA_CLONES void kappa_exp_f32(const float *restrict x, float *restrict y, long n) {
+    for (long i = 0; i < n; i++) y[i] = kappa_expf(x[i]);
+}
+KAPPA_CLONES void kappa_gelu_f32(const float *restrict x, float *restrict y, long n) {
+    for (long i = 0; i < n; i++) y[i] = x[i] * kappa_normal_cdf(x[i]);
+}
+KAPPA_CLONES void kappa_gelu_backward_f32(const float *restrict g, const float *restrict x, float *restrict gx, long n) {
+    for (long i = 0; i < n; i++) {
+        float v = x[i];
+        float pdf = kappa_expf(-0.5f * v * v) * 0.39894228040143267794f;
+        gx[i] = g[i] * (kappa_normal_cdf(v) + v * pdf);
+    }
+}
+KAPPA_CLONES void kappa_relu_f32(const float *restrict x, float *restrict y, long n) {
+    for (long i = 0; i < n; i++) y[i] = x[i] > 0 ? x[i] : 0;
+}
+KAPPA_CLONES void kappa_relu_backward_f32(const float *restrict g, const float *restrict x, float *restrict gx, long n) {
+    for (long i = 0; i < n; i++) gx[i] = x[i] > 0 ? g[i] : 0;
+}
+KAPPA_CLONES void kappa_affine_f32(const float *restrict x, float *restrict y, long n, float a, float b) {
+    for (long i = 0; i < n; i++) y[i] = a * x[i] + b;
+}
+KAPPA_CLONES void kappa_binary_f32(int op, const float *restrict a, const float *restrict b, float *restrict y, long n) {
+    switch (op) {
+    case 0: for (long i = 0; i < n; i++) y[i] = a[i] + b[i]; break;
+    case 1: for (long i = 0; i < n; i++) y[i] = a[i] - b[i]; break;
+    case 2: for (long i = 0; i < n; i++) y[i] = a[i] * b[i]; break;
+    default: for (long i = 0; i < n; i++) y[i] = a[i] / b[i]; break;
+    }
+}
+
+// MARK: Rows: softmax, log-softmax, LayerNorm (Float32)
+
+KAPPA_CLONES void kappa_softmax_rows_f32(const float *x, float *y, long rows, long d, int log) {
+    _Pragma("clang fp reassociate(on)")
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * d;
+        float *restrict yr = y + r * d;
+        // A NaN is skipped by the maximum but still propagates through the sum.
+        float m = -__builtin_inff();
+        for (long j = 0; j < d; j++) m = __builtin_fmaxf(m, xr[j]);  // fmax ignores a NaN
+        if (m == -__builtin_inff()) m = 0;  // all −∞: exp gives 0s, and log 0 = −∞
+        float s = 0;
+        for (long j = 0; j < d; j++) {
+            float e = kappa_expf(xr[j] - m);
+            yr[j] = e;
+            s += e;
+        }
+        if (log) {
+            float ls = m + __builtin_logf(s);
+            for (long j = 0; j < d; j++) yr[j] = xr[j] - ls;
+        } else {
+            float inv = 1 / s;
+            for (long j = 0; j < d; j++) yr[j] *= inv;
+        }
+    }
+}
+
+KAPPA_CLONES void kappa_softmax_backward_rows_f32(const float *g, const float *y, float *gx, long rows, long d, int log) {
+    _Pragma("clang fp reassociate(on)")
+    for (long r = 0; r < rows; r++) {
+        const float *restrict gr = g + r * d, *restrict yr = y + r * d;
+        float *restrict out = gx + r * d;
+        float s = 0;
+        if (log) {
+            for (long j = 0; j < d; j++) s += gr[j];
+            for (long j = 0; j < d; j++) out[j] = gr[j] - kappa_expf(yr[j]) * s;
+        } else {
+            for (long j = 0; j < d; j++) s += gr[j] * yr[j];
+            for (long j = 0; j < d; j++) out[j] = yr[j] * (gr[j] - s);
+        }
+    }
+}
+
+KAPPA_CLONES void kappa_layernorm_rows_f32(const float *x, const float *w, const float *b, float *y, float *stats,
+                                           long rows, long d, float eps) {
+    _Pragma("clang fp reassociate(on)")
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * d;
+        float *restrict yr = y + r * d;
+        float s = 0;
+        for (long j = 0; j < d; j++) s += xr[j];
+        float mean = s / (float)d, v = 0;
+        for (long j = 0; j < d; j++) {
+            float c = xr[j] - mean;
+            v += c * c;
+        }
+        float rstd = 1 / __builtin_sqrtf(v / (float)d + eps);
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+        if (w && b) {
+            for (long j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
+        } else if (w) {
+            for (long j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd * w[j];
+        } else if (b) {
+            for (long j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd + b[j];
+        } else {
+            for (long j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd;
+        }
+    }
+}
+
+KAPPA_CLONES void kappa_layernorm_backward_rows_f32(const float *x, const float *w, const float *g, const float *stats,
+                                                    float *gx, long rows, long d) {
+    _Pragma("clang fp reassociate(on)")
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * d, *restrict gr = g + r * d;
+        float *restrict out = gx + r * d;
+        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        float sg = 0, sgx = 0;
+        for (long j = 0; j < d; j++) {
+            float gh = w ? gr[j] * w[j] : gr[j];
+            sg += gh;
+            sgx += gh * (xr[j] - mean) * rstd;
+        }
+        float mg = sg / (float)d, mgx = sgx / (float)d;
+        for (long j = 0; j < d; j++) {
+            float gh = w ? gr[j] * w[j] : gr[j];
+            out[j] = (gh - mg - (xr[j] - mean) * rstd * mgx) * rstd;
+        }
+    }
+}
+
+KAPPA_CLONES void kappa_layernorm_param_grads_f32(const float *x, const float *g, const float *stats, float *gw,
+                                                  float *gb, long rows, long d) {
+    for (long r = 0; r < rows; r++) {
+        const float *restrict xr = x + r * d, *restrict gr = g + r * d;
+        float mean = stats[2 * r], rstd = stats[2 * r + 1];
+        for (long j = 0; j < d; j++) {
+            gw[j] += gr[j] * (xr[j] - mean) * rstd;
+            gb[j] += gr[j];
+        }
+    }
+}

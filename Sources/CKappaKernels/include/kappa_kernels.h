@@ -35,9 +35,19 @@ void kappa_im2col_f64(const double *padded, double *cols, const kappa_conv_geome
 // The adjoint of im2col: padded[...] += cols[...].
 void kappa_col2im_f32(const float *cols, float *padded, const kappa_conv_geometry *g, long row_stride);
 void kappa_col2im_f64(const double *cols, double *padded, const kappa_conv_geometry *g, long row_stride);
-// On the "wide" grid of a stride-1 convolution, output rows are as wide as the padded image
-// (w + 2pw; the first ow are the output, the rest are dropped), so that tap (i, j) of the
-// kernel reads the padded image at one fixed offset (Conv.swift).
+// The padded image split into its sh·sw phases: buf[ci][a][b][y][x] = padded[ci][y·sh + a][x·sw + b]
+// (0 outside the image), each phase hq × wq; and back (the image's elements only). At
+// stride 1 there is one phase, the padded image. On this "wide" grid (output rows wq wide,
+// the columns past ow dropped), tap (i, j) of a kernel reads one phase at one fixed offset,
+// so a convolution is a sum of products with the phases read in place (Conv.swift).
+void kappa_phase_f32(const float *img, float *buf, long c, long h, long w, long ph, long pw, long sh, long sw, long hq,
+                     long wq);
+void kappa_phase_f64(const double *img, double *buf, long c, long h, long w, long ph, long pw, long sh, long sw, long hq,
+                     long wq);
+void kappa_unphase_f32(const float *buf, float *img, long c, long h, long w, long ph, long pw, long sh, long sw, long hq,
+                       long wq);
+void kappa_unphase_f64(const double *buf, double *img, long c, long h, long w, long ph, long pw, long sh, long sw, long hq,
+                       long wq);
 // [images, rows, oh, ow] <-> [rows, images·oh·width] (width ≥ ow, the extra columns 0 when
 // widening and dropped when narrowing): image n's block of row r at column n·oh·width.
 void kappa_widen_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
@@ -68,6 +78,31 @@ void kappa_bn_backward_input_f32(const float *x, const float *g, const float *y,
                                  long c0, long c1, const float *mean, const float *a, const float *b, const float *d);
 void kappa_bn_backward_input_f64(const double *x, const double *g, const double *y, double *gx, long n, long c, long l,
                                  long c0, long c1, const double *mean, const double *a, const double *b, const double *d);
+
+// Elementwise Float32 kernels over n contiguous elements. exp and GELU use the same
+// polynomial forms as Kappa's Swift kernels (FastMath.swift); GELU is x·Φ(x) exactly up to
+// the erfc fit's 1.2e-7 fractional error, its backward g·(Φ(x) + x·φ(x)).
+void kappa_exp_f32(const float *x, float *y, long n);
+void kappa_gelu_f32(const float *x, float *y, long n);
+void kappa_gelu_backward_f32(const float *g, const float *x, float *gx, long n);
+void kappa_relu_f32(const float *x, float *y, long n);
+void kappa_relu_backward_f32(const float *g, const float *x, float *gx, long n);
+void kappa_affine_f32(const float *x, float *y, long n, float a, float b);
+// y = a op b for op 0 +, 1 −, 2 ×, 3 ÷.
+void kappa_binary_f32(int op, const float *a, const float *b, float *y, long n);
+
+// Row kernels over [rows, d] (Float32). softmax (log = 0) or log-softmax (log = 1), stable by
+// the row maximum; backward gx = y ⊙ (g − Σ g ⊙ y), or g − exp(y)·Σ g for log-softmax.
+void kappa_softmax_rows_f32(const float *x, float *y, long rows, long d, int log);
+void kappa_softmax_backward_rows_f32(const float *g, const float *y, float *gx, long rows, long d, int log);
+// LayerNorm over the last axis: stats[2r], stats[2r + 1] = mean, 1/σ of row r; w, b may be NULL.
+void kappa_layernorm_rows_f32(const float *x, const float *w, const float *b, float *y, float *stats, long rows, long d,
+                              float eps);
+void kappa_layernorm_backward_rows_f32(const float *x, const float *w, const float *g, const float *stats, float *gx,
+                                       long rows, long d);
+// gw += Σ_rows g ⊙ x̂, gb += Σ_rows g.
+void kappa_layernorm_param_grads_f32(const float *x, const float *g, const float *stats, float *gw, float *gb, long rows,
+                                     long d);
 
 #ifdef __cplusplus
 }

@@ -201,22 +201,29 @@ extension ConvGeometry {
     }
     /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
     var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
-    /// Stride 1 on the wide grid (output rows as wide as the padded image, the extra columns
-    /// computed and dropped), where that costs at most half again the products. Tap (i, j) of
-    /// the kernel then reads the padded image at one fixed offset, so the convolution is a sum
-    /// of kh·kw products W_ij · (padded image shifted by the offset), with no im2col at all.
-    var isWide: Bool { sh == 1 && sw == 1 && !isPointwise && 2 * (w + 2 * pw) <= 3 * ow }
-    /// The offset of tap (i, j) in the padded image, on the wide grid.
-    func tapOffset(_ i: Int, _ j: Int) -> Int { i * dh * (w + 2 * pw) + j * dw }
-    /// Elements of one padded channel plane.
-    var plane: Int { (h + 2 * ph) * (w + 2 * pw) }
+    /// The phases of the padded image (stride sh × sw gives sh·sw of them, each hq × wq):
+    /// phase (a, b) holds the padded pixels (y·sh + a, x·sw + b).
+    var hq: Int { (h + 2 * ph + sh - 1) / sh }
+    var wq: Int { (w + 2 * pw + sw - 1) / sw }
+    /// On the wide grid (output rows wq wide, the columns past ow computed and dropped), tap
+    /// (i, j) of the kernel reads one phase at one fixed offset, so the convolution is a sum
+    /// of kh·kw products W_ij · (a shifted phase), read in place, with no im2col. Used where
+    /// the extra columns cost at most half again the products.
+    var isWide: Bool { !isPointwise && 2 * wq <= 3 * ow }
+    /// Elements of one channel's phases, and the offset of tap (i, j) among them.
+    var plane: Int { sh * sw * hq * wq }
+    func tapOffset(_ i: Int, _ j: Int) -> Int {
+        let (a, b) = ((i * dh) % sh, (j * dw) % sw)
+        return ((a * sw + b) * hq + (i * dh) / sh) * wq + (j * dw) / sw
+    }
     /// Columns per output row in the column matrix, and per image.
-    var width: Int { isWide ? w + 2 * pw : ow }
+    var width: Int { isWide ? wq : ow }
     var span: Int { oh * width }
     /// Whether the columns are taken from a zero-padded copy of the image.
     var usesPaddedCopy: Bool { ph > 0 || pw > 0 || isWide }
-    /// Elements of one image with its zero padding, and the tail the wide grid reads.
-    var paddedSize: Int { c * (h + 2 * ph) * (w + 2 * pw) + (isWide ? (kw - 1) * dw : 0) }
+    /// Elements of one image's padded copy (its phases on the wide grid, with the tail that
+    /// the last row's dropped columns read).
+    var paddedSize: Int { isWide ? c * plane + wq + (kw - 1) * dw : c * (h + 2 * ph) * (w + 2 * pw) }
     /// Images that share one column matrix and one product: one when an image's output is
     /// large enough to keep BLAS busy, else enough for about 1,024 columns (a small ResNet's
     /// last stages have 4×4 or 2×2 outputs: one product per image would be a sliver).
@@ -244,6 +251,14 @@ private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ i
 
 /// The C kernels of im2col and its helpers, for either element type.
 private enum ConvKernels<T: TensorScalar> {
+    static func phase(_ img: UnsafeMutablePointer<T>, _ buf: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_phase_f32(f32(img), f32(buf), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
+        else { kappa_phase_f64(f64(img), f64(buf), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
+    }
+    static func unphase(_ buf: UnsafeMutablePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
+        if T.self == Float.self { kappa_unphase_f32(f32(buf), f32(img), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
+        else { kappa_unphase_f64(f64(buf), f64(img), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
+    }
     static func pad(_ img: UnsafeMutablePointer<T>, _ padded: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
         if T.self == Float.self { kappa_pad_f32(f32(img), f32(padded), g.c, g.h, g.w, g.ph, g.pw) }
         else { kappa_pad_f64(f64(img), f64(padded), g.c, g.h, g.w, g.ph, g.pw) }
@@ -296,8 +311,8 @@ private enum ConvKernels<T: TensorScalar> {
     }
 }
 
-/// Forward. On the wide grid, image by image: out = Σ_ij W_ij · shifted padded image, kh·kw
-/// products [O, C] × [C, H'·(W + 2pw)] that read the padded image in place (its channels one
+/// Forward. On the wide grid, image by image: out = Σ_ij W_ij · (shifted phase of the padded
+/// image), kh·kw products [O, C] × [C, H'·wq] that read the phases in place (the channels one
 /// plane apart), then the extra columns dropped. Otherwise, for each group of images (see
 /// ``ConvGeometry/group(_:)``), their columns [C·kh·kw, n·span] and one product
 /// W · cols = [O, n·span], laid out as out[n] = [O, H', W'].
@@ -317,7 +332,7 @@ private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tenso
         padded.update(repeating: 0, count: g.paddedSize)  // the tail the wide grid reads stays 0
         if g.isWide {
             for img in images {
-                ConvKernels<T>.pad(px + img * imageSize, padded, g)
+                ConvKernels<T>.phase(px + img * imageSize, padded, g)
                 for i in 0..<g.kh { for j in 0..<g.kw {
                     let t = i * g.kw + j
                     gemm(false, false, o, n, g.c, taps + t * o * g.c, g.c, padded + g.tapOffset(i, j), g.plane, product, n,
@@ -340,9 +355,9 @@ private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tenso
     }
 }
 
-/// Backward. On the wide grid, image by image, with G = [O, H'·(W + 2pw)] the output gradient
-/// (0 on the extra columns): dW_ij += G · (shifted padded image)ᵀ and the padded input
-/// gradient, shifted, += W_ijᵀ · G, kh·kw products each, then its interior. Otherwise, per
+/// Backward. On the wide grid, image by image, with G = [O, H'·wq] the output gradient (0 on
+/// the extra columns): dW_ij += G · (shifted phase)ᵀ and the phases of the padded input
+/// gradient, shifted, += W_ijᵀ · G, kh·kw products each, then the image's part of them. Otherwise, per
 /// group of images: G = [O, n·span], the columns again, dW += G · colsᵀ and
 /// dx = col2im(Wᵀ · G), folded back into each image's padded gradient. The weight gradient
 /// is a partial sum per chunk of images, added at the end.
@@ -352,7 +367,7 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
     let imageSize = g.c * g.h * g.w
     let chunks = imageChunks(b, work: 3 * o * k * l)
     let group = g.isWide ? 1 : g.group((b + chunks - 1) / chunks)
-    let colsSize = g.isWide ? g.paddedSize : 2 * k * group * g.span   // wide: the padded input gradient
+    let colsSize = g.isWide ? g.paddedSize : 2 * k * group * g.span   // wide: the phases of the input gradient
     let perChunk = wsize + g.paddedSize + colsSize + o * group * g.span
     let scratch = Tensor(uninitialized: [chunks * perChunk + (g.isWide ? wsize : 0)], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), pg = gout.pointer(T.self)
@@ -368,14 +383,14 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
             let dpadded = cols, n = g.span, c = g.c
             for img in images {
                 ConvKernels<T>.widen(pg + img * o * l, gmat, images: 1, rows: o, g)
-                ConvKernels<T>.pad(px + img * imageSize, padded, g)
+                ConvKernels<T>.phase(px + img * imageSize, padded, g)
                 dpadded.update(repeating: 0, count: g.paddedSize)
                 for i in 0..<g.kh { for j in 0..<g.kw {
                     let t = i * g.kw + j, off = g.tapOffset(i, j)
                     gemm(false, true, o, c, n, gmat, n, padded + off, g.plane, dw + t * o * c, c, beta: 1)
                     gemm(true, false, c, n, o, taps + t * o * c, c, gmat, n, dpadded + off, g.plane, beta: 1)
                 } }
-                ConvKernels<T>.unpad(dpadded, pgx + img * imageSize, g)
+                ConvKernels<T>.unphase(dpadded, pgx + img * imageSize, g)
             }
             return
         }

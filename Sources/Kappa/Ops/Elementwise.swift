@@ -1,3 +1,4 @@
+import CKappaKernels
 import RealModule
 
 // Elementwise ops. Each unary function is one stanza: its value and its derivative
@@ -11,16 +12,37 @@ protocol UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T
     /// dy/dx at x, where y = value(x).
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T
+    /// The C kernels (`CKappaKernels`, compiled for the host's vector units) that compute
+    /// value and g·derivative on contiguous Float32 runs, where they exist.
+    static var float32Kernels: UnaryKernels? { get }
+}
+
+extension UnaryFunction {
+    static var float32Kernels: UnaryKernels? { nil }
+}
+
+/// A unary op's Float32 C kernels: y = f(x) and gx = g·f′(x) over n elements (a, b are the
+/// op's parameters).
+struct UnaryKernels {
+    let forward: (_ x: UnsafeMutablePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int, _ a: Float, _ b: Float) -> Void
+    let backward: (_ g: UnsafeMutablePointer<Float>, _ x: UnsafeMutablePointer<Float>, _ y: UnsafeMutablePointer<Float>,
+                   _ gx: UnsafeMutablePointer<Float>, _ n: Int, _ a: Float, _ b: Float) -> Void
 }
 
 enum Negate: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { -x }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { -1 }
+    static let float32Kernels: UnaryKernels? = UnaryKernels(
+        forward: { x, y, n, _, _ in kappa_affine_f32(x, y, n, -1, 0) },
+        backward: { g, _, _, gx, n, _, _ in kappa_affine_f32(g, gx, n, -1, 0) })
 }
 /// a·x + b (scalar addition, subtraction and multiplication).
 enum Affine: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { a * x + b }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { a }
+    static let float32Kernels: UnaryKernels? = UnaryKernels(
+        forward: { x, y, n, a, b in kappa_affine_f32(x, y, n, a, b) },
+        backward: { g, _, _, gx, n, a, _ in kappa_affine_f32(g, gx, n, a, 0) })
 }
 /// x / a.
 enum DivideByScalar: UnaryFunction {
@@ -55,6 +77,9 @@ enum ReciprocalSquareRoot: UnaryFunction {
 enum Exp: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { kernelExp(x) }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { y }
+    static let float32Kernels: UnaryKernels? = UnaryKernels(
+        forward: { x, y, n, _, _ in kappa_exp_f32(x, y, n) },
+        backward: { g, _, y, gx, n, _, _ in kappa_binary_f32(2, g, y, gx, n) })
 }
 enum Log: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { T.log(x) }
@@ -98,6 +123,9 @@ enum Sigmoid: UnaryFunction {
 enum ReLU: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { x > 0 ? x : 0 }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { x > 0 ? 1 : 0 }
+    static let float32Kernels: UnaryKernels? = UnaryKernels(
+        forward: { x, y, n, _, _ in kappa_relu_f32(x, y, n) },
+        backward: { g, x, _, gx, n, _, _ in kappa_relu_backward_f32(g, x, gx, n) })
 }
 /// x·Φ(x) with Φ the standard normal CDF (the exact GELU), Φ(x) = erfc(−x/√2)/2 so that
 /// the lower tail keeps its relative accuracy. Float32 uses the vectorizable
@@ -121,6 +149,9 @@ enum GELU: UnaryFunction {
         let pdf = T.exp(-x * x / 2) * T(0.39894228040143267794)
         return cdf + x * pdf
     }
+    static let float32Kernels: UnaryKernels? = UnaryKernels(
+        forward: { x, y, n, _, _ in kappa_gelu_f32(x, y, n) },
+        backward: { g, x, _, gx, n, _, _ in kappa_gelu_backward_f32(g, x, gx, n) })
 }
 /// ½x(1 + tanh(√(2/π)(x + 0.044715x³))), GELU's tanh approximation.
 enum GELUTanh: UnaryFunction {
@@ -185,6 +216,11 @@ extension Tensor {
 
 private func unaryForward<F: UnaryFunction, T: TensorScalar>(_: F.Type, _ x: Tensor, _ y: Tensor, _ a: T, _ b: T) {
     let px = x.pointer(T.self), py = y.pointer(T.self)
+    if T.self == Float.self, let k = F.float32Kernels {
+        let (fa, fb) = (Float(a), Float(b))
+        Parallel.forEach(x.count, costPerItem: 4) { r in k.forward(f32(px + r.lowerBound), f32(py + r.lowerBound), r.count, fa, fb) }
+        return
+    }
     Parallel.forEach(x.count, costPerItem: 8) { r in
         for i in r { py[i] = F.value(px[i], a, b) }
     }
@@ -193,6 +229,14 @@ private func unaryForward<F: UnaryFunction, T: TensorScalar>(_: F.Type, _ x: Ten
 private func unaryBackward<F: UnaryFunction, T: TensorScalar>(_: F.Type, _ g: Tensor, _ x: Tensor, _ y: Tensor,
                                                               _ gx: Tensor, _ a: T, _ b: T) {
     let pg = g.pointer(T.self), px = x.pointer(T.self), py = y.pointer(T.self), pgx = gx.pointer(T.self)
+    if T.self == Float.self, let k = F.float32Kernels {
+        let (fa, fb) = (Float(a), Float(b))
+        Parallel.forEach(x.count, costPerItem: 4) { r in
+            let o = r.lowerBound
+            k.backward(f32(pg + o), f32(px + o), f32(py + o), f32(pgx + o), r.count, fa, fb)
+        }
+        return
+    }
     Parallel.forEach(x.count, costPerItem: 8) { r in
         for i in r { pgx[i] = pg[i] * F.derivative(px[i], py[i], a, b) }
     }
@@ -266,12 +310,30 @@ extension Tensor {
 /// A scalar function of two arguments applied elementwise with broadcasting.
 protocol BinaryFunction {
     static func value<T: TensorScalar>(_ a: T, _ b: T) -> T
+    /// The op code of `kappa_binary_f32` (0 +, 1 −, 2 ×, 3 ÷) for the four arithmetic ops.
+    static var float32Op: Int32? { get }
 }
 
-enum Add: BinaryFunction { static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a + b } }
-enum Subtract: BinaryFunction { static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a - b } }
-enum Multiply: BinaryFunction { static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a * b } }
-enum Divide: BinaryFunction { static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a / b } }
+extension BinaryFunction {
+    static var float32Op: Int32? { nil }
+}
+
+enum Add: BinaryFunction {
+    static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a + b }
+    static var float32Op: Int32? { 0 }
+}
+enum Subtract: BinaryFunction {
+    static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a - b }
+    static var float32Op: Int32? { 1 }
+}
+enum Multiply: BinaryFunction {
+    static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a * b }
+    static var float32Op: Int32? { 2 }
+}
+enum Divide: BinaryFunction {
+    static func value<T: TensorScalar>(_ a: T, _ b: T) -> T { a / b }
+    static var float32Op: Int32? { 3 }
+}
 enum Power: BinaryFunction {
     static func value<T: TensorScalar>(_ a: T, _ b: T) -> T {
         if b.rounded() == b && Swift.abs(b) < T(1e9) { return T.pow(a, Int(b)) }
@@ -311,6 +373,13 @@ private func binaryLoop<F: BinaryFunction, T: TensorScalar>(_: F.Type, _ a: Tens
     let pa = a.pointer(T.self), pb = b.pointer(T.self), po = out.pointer(T.self)
     let n = out.count
     if a.shape == b.shape && a.isContiguous && b.isContiguous {
+        if T.self == Float.self, let op = F.float32Op {
+            Parallel.forEach(n) { r in
+                let o = r.lowerBound
+                kappa_binary_f32(op, f32(pa + o), f32(pb + o), f32(po + o), r.count)
+            }
+            return
+        }
         Parallel.forEach(n) { r in for i in r { po[i] = F.value(pa[i], pb[i]) } }
         return
     }

@@ -1,3 +1,4 @@
+import CKappaKernels
 import RealModule
 
 // Layer normalization over the last axis as one fused kernel: the forward pass saves the
@@ -50,6 +51,15 @@ private func layerNormForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor?, _ b: T
                                                _ rows: Int, _ d: Int, _ eps: T, _: T.Type) {
     let px = x.pointer(T.self), po = out.pointer(T.self), ps = stats.pointer(T.self)
     let pw = w?.pointer(T.self), pb = b?.pointer(T.self)
+    if T.self == Float.self {
+        // The C kernel, compiled for the host's vector units.
+        Parallel.forEach(rows, costPerItem: 4 * d) { range in
+            let o = range.lowerBound
+            kappa_layernorm_rows_f32(f32(px + o * d), pw.map { f32($0) }, pb.map { f32($0) }, f32(po + o * d), f32(ps + 2 * o),
+                                     range.count, d, Float(eps))
+        }
+        return
+    }
     Parallel.forEach(rows, costPerItem: 4 * d) { range in
         for r in range {
             let row = px + r * d, y = po + r * d
@@ -73,6 +83,15 @@ private func layerNormBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor?, _ g: 
                                                 _ gw: Tensor, _ gb: Tensor, _ rows: Int, _ d: Int, _: T.Type) {
     let px = x.pointer(T.self), pg = g.pointer(T.self), ps = stats.pointer(T.self), pgx = gx.pointer(T.self)
     let pw = w?.pointer(T.self), pgw = gw.pointer(T.self), pgb = gb.pointer(T.self)
+    if T.self == Float.self {
+        Parallel.forEach(rows, costPerItem: 6 * d) { range in
+            let o = range.lowerBound
+            kappa_layernorm_backward_rows_f32(f32(px + o * d), pw.map { f32($0) }, f32(pg + o * d), f32(ps + 2 * o),
+                                              f32(pgx + o * d), range.count, d)
+        }
+        kappa_layernorm_param_grads_f32(f32(px), f32(pg), f32(ps), f32(pgw), f32(pgb), rows, d)
+        return
+    }
     // Input gradient: rows are independent.
     Parallel.forEach(rows, costPerItem: 6 * d) { range in
         for r in range {

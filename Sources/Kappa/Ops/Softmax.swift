@@ -1,3 +1,4 @@
+import CKappaKernels
 import RealModule
 
 // softmax and logSoftmax along an axis are fused kernels (forward and VJP), numerically
@@ -72,6 +73,14 @@ extension Tensor {
 private func softmaxForward<T: TensorScalar>(_ L: ReductionLayout, _ out: Tensor, _ log: Bool, _: T.Type) {
     let px = L.data.pointer(T.self), py = out.pointer(T.self)
     let (outer, r, inner) = (L.outer, L.r, L.inner)
+    if T.self == Float.self && inner == 1 {
+        // Contiguous rows: the C kernel, compiled for the host's vector units.
+        Parallel.forEach(outer, costPerItem: r * 4) { range in
+            let o = range.lowerBound * r
+            kappa_softmax_rows_f32(f32(px + o), f32(py + o), range.count, r, log ? 1 : 0)
+        }
+        return
+    }
     Parallel.forEach(outer * inner, costPerItem: r * 4) { range in
         for item in range {
             let o = item / inner, i = item % inner
@@ -110,6 +119,13 @@ private func softmaxBackward<T: TensorScalar>(_ L: ReductionLayout, _ g: Tensor,
                                               _ log: Bool, _: T.Type) {
     let pg = g.pointer(T.self), py = y.pointer(T.self), pgx = gx.pointer(T.self)
     let (outer, r, inner) = (L.outer, L.r, L.inner)
+    if T.self == Float.self && inner == 1 {
+        Parallel.forEach(outer, costPerItem: r * 4) { range in
+            let o = range.lowerBound * r
+            kappa_softmax_backward_rows_f32(f32(pg + o), f32(py + o), f32(pgx + o), range.count, r, log ? 1 : 0)
+        }
+        return
+    }
     Parallel.forEach(outer * inner, costPerItem: r * 4) { range in
         for item in range {
             let o = item / inner, i = item % inner
