@@ -153,6 +153,36 @@ struct TensorTests {
         #expect(big.sum().item() == Double(1 << 18))
     }
 
+    /// Sums over axes that are not side by side (summed in place, no permuted copy) equal a
+    /// direct sum over the multi-index, in both types, with size-1 axes among them and with
+    /// kept and reduced groups in either order.
+    @Test func interleavedAxisSumsEqualDirectSums() {
+        let cases: [([Int], [Int])] = [([3, 4, 5], [0, 2]), ([2, 3, 4, 5], [0, 2, 3]), ([2, 3, 4, 5], [1, 3]),
+                                       ([2, 1, 3, 4], [0, 3]), ([4, 3, 2, 2, 3], [0, 2, 4]), ([3, 4, 5], [0, 1])]
+        for (shape, axes) in cases {
+            let x = randn(shape, seed: 17)
+            let values = x.doubles
+            var expected = [Double](repeating: 0, count: values.count)
+            var strides = [Int](repeating: 1, count: shape.count)
+            for i in stride(from: shape.count - 2, through: 0, by: -1) { strides[i] = strides[i + 1] * shape[i + 1] }
+            var keptShape = shape
+            for a in axes { keptShape[a] = 1 }
+            var keptStrides = [Int](repeating: 1, count: shape.count)
+            for i in stride(from: shape.count - 2, through: 0, by: -1) { keptStrides[i] = keptStrides[i + 1] * keptShape[i + 1] }
+            for (flat, v) in values.enumerated() {
+                var o = 0
+                for i in 0..<shape.count where !axes.contains(i) { o += (flat / strides[i]) % shape[i] * keptStrides[i] }
+                expected[o] += v
+            }
+            let kept = keptShape.reduce(1, *)
+            let got = x.sum(alongAxes: axes, keepingDims: true)
+            #expect(got.shape == keptShape)
+            expectClose(got.doubles, Array(expected.prefix(kept)), tol: 1e-12)
+            let got32 = x.to(.float32).sum(alongAxes: axes)
+            expectClose(got32.doubles, Array(expected.prefix(kept)), tol: 1e-5)
+        }
+    }
+
     @Test func stableSoftmax() {
         let x = Tensor([1000.0, 1001, 1002, -1000, 0, 1000], shape: [2, 3], dtype: .float32)
         let p = x.softmax(alongAxis: 1).doubles

@@ -64,14 +64,28 @@ struct ReductionShapes {
 extension Tensor {
     /// The sum over `axes` (all axes when `nil`), keeping them as size 1 when `keepingDims`.
     public func sum(alongAxes axes: [Int]? = nil, keepingDims: Bool = false) -> Tensor {
-        let layout = ReductionLayout(self, axes: axes, keepingDims: keepingDims, op: "sum")
-        let out = Tensor(uninitialized: layout.resultShape, dtype: dtype)
-        switch dtype {
-        case .float32: sumKernel(layout, out, Float.self)
-        case .float64: sumKernel(layout, out, Double.self)
+        let shapes = ReductionShapes(shape, axes: axes, keepingDims: keepingDims, op: "sum")
+        let ax = shapes.axes
+        let out: Tensor
+        if let groups = InterleavedReduction(shape, reduced: ax) {
+            // Reduced axes not side by side ([0, 2, 3] of [N, C, H, W]: per-channel sums, the
+            // sum-to-shape of a broadcast bias): summed in place, no permuted copy.
+            out = Tensor(uninitialized: shapes.result, dtype: dtype)
+            let x = contiguousData()
+            switch dtype {
+            case .float32: groups.sum(x, out, Float.self)
+            case .float64: groups.sum(x, out, Double.self)
+            }
+        } else {
+            let layout = ReductionLayout(self, axes: axes, keepingDims: keepingDims, op: "sum")
+            out = Tensor(uninitialized: layout.resultShape, dtype: dtype)
+            switch dtype {
+            case .float32: sumKernel(layout, out, Float.self)
+            case .float64: sumKernel(layout, out, Double.self)
+            }
         }
-        let inShape = shape
-        Tape.record("sum", [self], out) { g in [g.reshape(layout.keptShape).expanded(to: inShape)] }
+        let inShape = shape, kept = shapes.kept
+        Tape.record("sum", [self], out) { g in [g.reshape(kept).expanded(to: inShape)] }
         return out
     }
 
@@ -322,6 +336,62 @@ private func scatterExtremumGrad<T: TensorScalar>(_ L: ReductionLayout, _ g: Ten
         for i in 0..<inner {
             let k = o * inner + i
             px[o * r * inner + Int(pi[k]) * inner + i] = pg[k]
+        }
+    }
+}
+
+/// A sum over reduced axes that are not one block, on the dense input as it lies: the axes
+/// merged into alternating groups of kept and reduced ones, the last group's contiguous runs
+/// summed (a reduced run) or added to the output row (a kept run) as the groups before it are
+/// walked in order. `nil` when the reduced axes form one block (``ReductionLayout`` handles
+/// that without copying).
+struct InterleavedReduction {
+    /// Group sizes, outermost first, and whether each group is reduced.
+    let sizes: [Int], reduced: [Bool]
+
+    init?(_ shape: [Int], reduced axes: [Int]) {
+        guard axes.count >= 2, axes.last! - axes.first! + 1 != axes.count else { return nil }
+        var sizes: [Int] = [], flags: [Bool] = []
+        for (i, n) in shape.enumerated() where n != 1 {
+            let r = axes.contains(i)
+            if let last = flags.last, last == r { sizes[sizes.count - 1] *= n } else { sizes.append(n); flags.append(r) }
+        }
+        guard flags.count >= 3 else { return nil }  // after merging, one block after all
+        self.sizes = sizes
+        self.reduced = flags
+    }
+
+    func sum<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _: T.Type) {
+        let px = x.pointer(T.self), po = out.pointer(T.self)
+        let outCount = out.count
+        po.update(repeating: 0, count: outCount)
+        let last = sizes.count - 1, run = sizes[last], lastReduced = reduced[last]
+        // Output strides of the kept groups (0 for reduced ones), innermost kept group stride 1.
+        var outStride = [Int](repeating: 0, count: sizes.count)
+        var s = 1
+        for g in stride(from: last, through: 0, by: -1) where !reduced[g] { outStride[g] = s; s *= sizes[g] }
+        var index = [Int](repeating: 0, count: last)
+        var offset = 0, outOffset = 0
+        let runs = x.count / Swift.max(run, 1)
+        for _ in 0..<runs {
+            let src = px + offset
+            if lastReduced {
+                po[outOffset] += rowSum(src, run)
+            } else {
+                let dst = po + outOffset
+                for k in 0..<run { dst[k] += src[k] }
+            }
+            offset += run
+            // Advance the multi-index of the outer groups.
+            var g = last - 1
+            while g >= 0 {
+                index[g] += 1
+                outOffset += outStride[g]
+                if index[g] < sizes[g] { break }
+                outOffset -= outStride[g] * sizes[g]
+                index[g] = 0
+                g -= 1
+            }
         }
     }
 }
