@@ -58,10 +58,13 @@ for n in [64, 256, 1024] {
     let framework = time(reps: reps) { _ = a.matmul(b) }
     let pa = a.scalars(as: Float.self), pb = b.scalars(as: Float.self)
     var pc = [Float](repeating: 0, count: n * n)
+    // OpenBLAS threaded as it comes (Kappa runs it on one thread and splits products itself).
+    openblas_set_num_threads(Int32(Threads.count))
     let bare = time(reps: reps) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(n), Int32(n), 1, pa, Int32(n), pb,
                     Int32(n), 0, &pc, Int32(n))
     }
+    openblas_set_num_threads(1)
     let flop = 2 * Double(n * n * n)
     record("matmul \(n)³", framework)
     record("sgemm \(n)³ (bare BLAS)", bare)

@@ -5,8 +5,14 @@ import Foundation
 
 /// Work splitting for elementwise and reduction kernels on large tensors.
 enum Parallel {
-    /// Cores available to kernels (see ``Threads``).
-    nonisolated(unsafe) static var cores = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// Cores available to kernels (see ``Threads``). OpenBLAS itself always runs on one
+    /// thread: Kappa splits large products over the cores (``gemm``) and runs many small ones
+    /// side by side, so that no OpenBLAS worker thread spins waiting for work between ops (in
+    /// a ResNet-8 DINO step, OpenBLAS's idle threads yielding took a tenth of the time).
+    nonisolated(unsafe) static var cores: Int = {
+        openblas_set_num_threads(1)
+        return max(1, ProcessInfo.processInfo.activeProcessorCount)
+    }()
 
     /// Below this many elements of work a kernel runs on the calling thread: dispatching to
     /// another core costs a few microseconds.
@@ -31,28 +37,26 @@ enum Parallel {
 }
 
 extension Parallel {
-    /// Runs `body(chunk)` for every chunk in 0..<chunks, one per core, with OpenBLAS told to
-    /// use one thread for the duration when `serialBLAS` (each chunk then calls BLAS itself,
-    /// so that no core waits on BLAS's own thread hand-offs); the thread count is restored
-    /// after.
-    static func forEachChunk(_ chunks: Int, serialBLAS: Bool, _ body: (Int) -> Void) {
-        let threads = cores
-        if serialBLAS { openblas_set_num_threads(1) }
-        defer { if serialBLAS { openblas_set_num_threads(Int32(threads)) } }
+    /// Runs `body(chunk)` for every chunk in 0..<chunks, one per core; each chunk may call
+    /// BLAS (which runs on the chunk's thread).
+    static func forEachChunk(_ chunks: Int, _ body: (Int) -> Void) {
+        if chunks <= 1 {
+            body(0)
+            return
+        }
         withoutActuallyEscaping(body) { body in DispatchQueue.concurrentPerform(iterations: chunks, execute: body) }
     }
 }
 
 /// The number of threads Kappa's kernels and OpenBLAS use.
 public enum Threads {
-    /// Threads for elementwise and reduction kernels and for BLAS; defaults to the number of
-    /// active cores. Set it before starting work.
+    /// Threads for Kappa's kernels and products (each BLAS call runs on one of them); defaults
+    /// to the number of active cores. Set it before starting work.
     public static var count: Int {
         get { Parallel.cores }
         set {
             precondition(newValue >= 1, "Threads.count: \(newValue) threads")
             Parallel.cores = newValue
-            openblas_set_num_threads(Int32(newValue))
         }
     }
 }

@@ -1,8 +1,8 @@
 import Kappa
 
 /// Multi-head self-attention with a fused qkv projection and scaled dot products:
-/// softmax(QKᵀ/√d_h)·V per head, then an output projection. All products are batched
-/// BLAS calls over [B, heads] (Kᵀ is a transposed view, not a copy).
+/// softmax(QKᵀ/√d_h)·V per head (one fused op, ``Tensor/selfAttention(heads:scale:)``), then an
+/// output projection.
 public final class Attention: Module {
     public let heads: Int
     public let qkv: Linear, proj: Linear
@@ -20,13 +20,10 @@ public final class Attention: Module {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        let (b, n, d) = (x.shape[0], x.shape[1], x.shape[2])
-        let dh = d / heads
-        let qkv = self.qkv(x).reshape([b, n, 3, heads, dh]).permuted([2, 0, 3, 1, 4])  // [3, B, H, N, dh]
-        let q = qkv[0], k = qkv[1], v = qkv[2]
-        let attention = (q.matmul(k.transposed()) * (1 / Double(dh).squareRoot())).softmax(alongAxis: -1)
-        if keepsAttention { lastAttention = attention.detached() }
-        let out = attention.matmul(v).transposed(1, 2).reshape([b, n, d])
+        // One fused op on the packed projections (Tensor.selfAttention): no permuted copies of
+        // q, k, v, and only the attention probabilities kept for backward.
+        let (out, attention) = self.qkv(x).selfAttention(heads: heads)
+        if keepsAttention { lastAttention = attention }
         return proj(out)
     }
 }

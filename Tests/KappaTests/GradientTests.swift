@@ -287,6 +287,32 @@ struct GradientTests {
         expectClose(y32.doubles, y64.doubles, tol: 2e-6)
     }
 
+    @Test func selfAttention() {
+        // The fused op against its composition (the heads' q, k, v cut out of the packed
+        // projections, softmax(s·QKᵀ)V, the heads concatenated), forward and gradients, and
+        // gradchecked itself; 2 images, 3 tokens, 2 heads of width 2.
+        let qkv = randn([2, 3, 12], seed: 92)
+        let gout = randn([2, 3, 4], seed: 93)
+        func composed(_ x: Tensor) -> (Tensor, Tensor) {
+            let parts = x.reshape([2, 3, 3, 2, 2]).permuted([2, 0, 3, 1, 4])  // [3, B, H, N, dh]
+            let p = (parts[0].matmul(parts[1].transposed()) * 0.7).softmax(alongAxis: -1)
+            return (p.matmul(parts[2]).transposed(1, 2).reshape([2, 3, 4]), p)
+        }
+        let (a, b) = (qkv.copied().requiringGrad(), qkv.copied().requiringGrad())
+        let (fused, attention) = a.selfAttention(heads: 2, scale: 0.7)
+        let (plain, probabilities) = composed(b)
+        expectClose(fused.doubles, plain.doubles, tol: 1e-14)
+        expectClose(attention.doubles, probabilities.doubles, tol: 1e-15)
+        (fused * gout).sum().backward()
+        (plain * gout).sum().backward()
+        expectClose(a.grad!.doubles, b.grad!.doubles, tol: 1e-13)
+        expectGradients([qkv]) { $0[0].selfAttention(heads: 2).output }
+        expectGradients([randn([1, 4, 6], seed: 94)]) { $0[0].selfAttention(heads: 1, scale: 2).output.sin() }
+        // Float32 takes the C softmax kernels and agrees with Float64 to Float32 rounding.
+        let f32 = qkv.to(.float32).selfAttention(heads: 2).output
+        expectClose(f32.doubles, qkv.selfAttention(heads: 2).output.doubles, tol: 1e-6)
+    }
+
     @Test func pooling() {
         let x = randn([2, 2, 5, 6], seed: 80)
         expectGradients([x]) { $0[0].maxPool2d(kernel: 2) }

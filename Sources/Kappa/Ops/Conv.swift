@@ -236,17 +236,15 @@ private func imageChunks(_ b: Int, work: Int) -> Int {
     Swift.min(Parallel.cores, b, Swift.max(1, b * work / Parallel.grain))
 }
 
-/// Runs `body` over the images split into `chunks` contiguous ranges, in parallel with
-/// OpenBLAS on one thread for the duration: each chunk does its own im2col and small
-/// products, so no core waits on BLAS's thread hand-offs (which cost more than the arithmetic
-/// of a narrow ResNet's convolutions: a quarter of a ResNet-8 DINO step was OpenBLAS threads
-/// yielding). One chunk runs on the calling thread with BLAS as set.
+/// Runs `body` over the images split into `chunks` contiguous ranges, in parallel: each chunk
+/// does its own copies and small products, so no core waits on another's hand-offs (which
+/// cost more than the arithmetic of a narrow ResNet's convolutions).
 private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ images: Range<Int>) -> Void) {
     if chunks <= 1 {
         body(0, 0..<b)
         return
     }
-    Parallel.forEachChunk(chunks, serialBLAS: true) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
+    Parallel.forEachChunk(chunks) { c in body(c, (b * c / chunks)..<(b * (c + 1) / chunks)) }
 }
 
 /// The C kernels of im2col and its helpers, for either element type.

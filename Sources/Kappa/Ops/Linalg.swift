@@ -24,18 +24,18 @@ private struct MatrixOperand {
     }
 }
 
-/// C = op(A)·op(B) for row-major storage.
+/// C = alpha·op(A)·op(B) + beta·C for row-major storage, on the calling thread.
 @inline(__always)
 func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                            _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
-                           _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0) {
+                           _ c: UnsafeMutablePointer<T>, _ ldc: Int, alpha: T = 1, beta: T = 0) {
     let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
     switch T.dtype {
     case .float32:
         a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
             b.withMemoryRebound(to: Float.self, capacity: 1) { pb in
                 c.withMemoryRebound(to: Float.self, capacity: 1) { pc in
-                    cblas_sgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), 1, pa, Int32(lda), pb,
+                    cblas_sgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), Float(alpha), pa, Int32(lda), pb,
                                 Int32(ldb), Float(beta), pc, Int32(ldc))
                 }
             }
@@ -44,10 +44,33 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
         a.withMemoryRebound(to: Double.self, capacity: 1) { pa in
             b.withMemoryRebound(to: Double.self, capacity: 1) { pb in
                 c.withMemoryRebound(to: Double.self, capacity: 1) { pc in
-                    cblas_dgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), 1, pa, Int32(lda), pb,
+                    cblas_dgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), Double(alpha), pa, Int32(lda), pb,
                                 Int32(ldb), Double(beta), pc, Int32(ldc))
                 }
             }
+        }
+    }
+}
+
+/// ``gemm`` split over the cores when the product is large (at least 2²¹ multiply-adds):
+/// the longer of C's two sides cut into one block per core, each block one BLAS call on its
+/// own thread (OpenBLAS runs single-threaded; see ``Parallel/cores``).
+func parallelGemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
+                                   _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
+                                   _ c: UnsafeMutablePointer<T>, _ ldc: Int) {
+    let cores = Parallel.cores  // first use sets OpenBLAS to one thread
+    let chunks = m * n * k >= 1 << 21 ? Swift.min(cores, Swift.max(m, n) / 16) : 1
+    if chunks <= 1 {
+        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+        return
+    }
+    Parallel.forEachChunk(chunks) { chunk in
+        if m >= n {
+            let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
+            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc)
+        } else {
+            let (j0, j1) = (n * chunk / chunks, n * (chunk + 1) / chunks)
+            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc)
         }
     }
 }
@@ -124,12 +147,12 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     if batchCount > 1 && bBatchStrides.allSatisfy({ $0 == 0 }) && !opA.transpose {
         let (s, st) = coalesce(batch + [m], [aBatchStrides + [a.strides[a.rank - 2]]])
         if s.count == 1 && st[0][0] == opA.ld {
-            gemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+            parallelGemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
             return
         }
     }
     if batchCount == 1 {
-        gemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+        parallelGemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
         return
     }
     var offsets: [(a: Int, b: Int)] = []
@@ -137,21 +160,19 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     forEachRun(batch, [aBatchStrides, bBatchStrides]) { off, step, runs in
         for i in 0..<runs { offsets.append((off[0] + i * step[0], off[1] + i * step[1])) }
     }
-    // Many small products (attention: 192 of 65×64×65) cost more in OpenBLAS's thread
-    // hand-offs than in arithmetic: run them single-threaded in BLAS, spread over the cores.
-    // Below 2¹⁸ multiply-adds OpenBLAS computes a product on one thread anyway; up to 2²⁰
-    // it is told to, for the duration; tiny batches stay on the calling thread.
-    let cores = Parallel.cores, work = m * n * k
-    let chunks = work <= 1 << 20 && batchCount * work >= 1 << 18 ? Swift.min(cores, batchCount) : 1
+    // Many small products (attention: 192 of 65×64×65) are spread over the cores, each on
+    // one thread; large ones are split themselves; tiny batches stay on the calling thread.
+    let work = m * n * k
+    let chunks = work < 1 << 21 && batchCount * work >= 1 << 18 ? Swift.min(Parallel.cores, batchCount) : 1
     if chunks > 1 {
-        Parallel.forEachChunk(chunks, serialBLAS: work > 1 << 18) { chunk in
+        Parallel.forEachChunk(chunks) { chunk in
             for c in (batchCount * chunk / chunks)..<(batchCount * (chunk + 1) / chunks) {
                 gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n)
             }
         }
     } else {
         for (c, o) in offsets.enumerated() {
-            gemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n)
+            parallelGemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n)
         }
     }
 }
