@@ -380,10 +380,13 @@ static inline float kappa_normal_cdf(float x) {
 KAPPA_CLONES void kappa_exp_f32(const float *restrict x, float *restrict y, long n) {
     for (long i = 0; i < n; i++) y[i] = kappa_expf(x[i]);
 }
+// Four vectors in flight: the erfc polynomial and exp are long dependency chains.
 KAPPA_CLONES void kappa_gelu_f32(const float *restrict x, float *restrict y, long n) {
+    _Pragma("clang loop interleave_count(4)")
     for (long i = 0; i < n; i++) y[i] = x[i] * kappa_normal_cdf(x[i]);
 }
 KAPPA_CLONES void kappa_gelu_backward_f32(const float *restrict g, const float *restrict x, float *restrict gx, long n) {
+    _Pragma("clang loop interleave_count(4)")
     for (long i = 0; i < n; i++) {
         float v = x[i];
         float pdf = kappa_expf(-0.5f * v * v) * 0.39894228040143267794f;
@@ -509,5 +512,58 @@ KAPPA_CLONES void kappa_layernorm_param_grads_f32(const float *x, const float *g
             gw[j] += gr[j] * (xr[j] - mean) * rstd;
             gb[j] += gr[j];
         }
+    }
+}
+
+// MARK: The vMF normalizer's large-order approximation (Float32)
+
+// log x for x > 0 (Cephes' logf: x = m·2^e with m in [√½, √2), a degree-8 polynomial in
+// m − 1); +∞ → +∞, 0 → −∞, NaN propagates. Relative error about 1 ulp.
+static inline float kappa_logf(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    int32_t e = (int32_t)((bits >> 23) & 0xff) - 126;
+    uint32_t mb = (bits & 0x7fffff) | 0x3f000000;  // m in [0.5, 1)
+    float m;
+    memcpy(&m, &mb, 4);
+    int small = m < 0.707106781186547524f;
+    e -= small;
+    m = small ? m + m - 1 : m - 1;
+    float z = m * m;
+    float p = 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    float y = p * m * z;
+    float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    float r = m + y + 0.693359375f * fe;
+    return x != x ? x : (x == __builtin_inff() ? x : (x == 0 ? -__builtin_inff() : r));
+}
+
+KAPPA_CLONES long kappa_vmf_logcp_approx_f32(const float *restrict kappa, float *restrict out, long n, float nu, float c) {
+    long negative = 0;
+    _Pragma("clang loop interleave_count(2)")
+    for (long i = 0; i < n; i++) {
+        float k = kappa[i];
+        negative += k < 0;
+        float s2 = nu * nu + k * k, s = __builtin_sqrtf(s2);
+        out[i] = nu * kappa_logf(nu + s) - s + 0.25f * kappa_logf(s2) - c;
+    }
+    return negative;
+}
+
+KAPPA_CLONES void kappa_vmf_logcp_approx_backward_f32(const float *restrict g, const float *restrict kappa,
+                                                      float *restrict gk, long n, float nu) {
+    for (long i = 0; i < n; i++) {
+        float k = kappa[i];
+        float s2 = nu * nu + k * k, s = __builtin_sqrtf(s2);
+        gk[i] = g[i] * (-k / (nu + s) + k / (2 * s2));
     }
 }

@@ -82,6 +82,30 @@ struct BesselTests {
         #expect(report.passed, "\(report)")
     }
 
+    /// The Float32 kernel of the large-order normalizer (one vectorized pass in Float32)
+    /// against the Float64 form: value within 4 ulp of its largest term, derivative within
+    /// 1e-6 of its larger term, κ from 1e-3 to 1e5.
+    @Test(arguments: [4, 16, 64, 256, 1024])
+    func float32ApproximateNormalizerMatchesFloat64(p: Int) {
+        let kappas = (0...80).map { Foundation.pow(10, -3 + 8 * Double($0) / 80) }
+        let k64 = Tensor(kappas).requiringGrad(), k32 = Tensor(kappas, shape: [kappas.count], dtype: .float32).requiringGrad()
+        let v64 = k64.vmfLogNormalizer(dimension: p), v32 = k32.vmfLogNormalizer(dimension: p)
+        v64.sum().backward()
+        v32.sum().backward()
+        let nu = Double(p) / 2 - 1
+        for (i, kappa) in kappas.enumerated() {
+            // The terms ν log(ν + s), s and the constant are each rounded: scale the ulp by the largest.
+            let s = (nu * nu + kappa * kappa).squareRoot()
+            let scale = Swift.max(nu * Foundation.log(nu + s), s, (Double(p) - 1) / 2 * Foundation.log(2 * Double.pi))
+            let (a, b) = (v32[element: [i]], v64[element: [i]])
+            #expect(Swift.abs(a - b) <= 4 * scale * Double(Float.ulpOfOne), "p \(p), κ \(kappa): \(a) vs \(b)")
+            let (da, db) = (k32.grad![element: [i]], k64.grad![element: [i]])
+            // Its two terms ±κ/(ν + s), κ/(2s²) cancel for small κ: scale by the larger term.
+            #expect(Swift.abs(da - db) <= 1e-6 * Swift.max(Swift.abs(db), kappa / (nu + s)),
+                    "p \(p), κ \(kappa): derivative \(da) vs \(db)")
+        }
+    }
+
     @Test func monotonicityAndLimits() {
         for p in [2, 3, 16, 256, 4096] {
             let nu = Double(p) / 2 - 1

@@ -104,6 +104,12 @@ void kappa_layernorm_backward_rows_f32(const float *x, const float *w, const flo
 void kappa_layernorm_param_grads_f32(const float *x, const float *g, const float *stats, float *gw, float *gb, long rows,
                                      long d);
 
+// The large-order approximation of the vMF normalizer in Float32, for ν = p/2 − 1 ≥ 1:
+// out = ν log(ν + s) − s + ¼ log(ν² + κ²) − c, s = √(ν² + κ²); returns how many κ were
+// negative (the caller stops on them). Backward: gκ = g·(−κ/(ν + s) + κ/(2s²)).
+long kappa_vmf_logcp_approx_f32(const float *kappa, float *out, long n, float nu, float c);
+void kappa_vmf_logcp_approx_backward_f32(const float *g, const float *kappa, float *gk, long n, float nu);
+
 #ifdef __cplusplus
 }
 #endif
