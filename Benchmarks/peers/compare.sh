@@ -27,15 +27,20 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
 else
     echo "PyTorch not found at $PYTHON: Kappa's figures only (python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy)"
 fi
+# Section by section, Kappa then PyTorch, so that the two sides of a ratio run minutes apart
+# at most (a shared virtual machine's speed drifts over a longer run).
 files=()
 for t in ${THREAD_COUNTS:-1 2}; do
     export THREADS=$t OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t
-    KAPPA_BENCH_RESULTS="$out/kappa$t.tsv" .build/release/KappaBench "${sections[@]}" > "$out/kappa$t.log"
-    head -1 "$out/kappa$t.log"
+    : > "$out/kappa$t.tsv"
     : > "$out/torch$t.tsv"
-    if [ $have_torch = 1 ]; then
-        "$PYTHON" -W ignore Benchmarks/peers/pytorch_peer.py "$out/torch$t.tsv" "${sections[@]}" > "$out/torch$t.log"
-    fi
+    for section in "${sections[@]}"; do
+        KAPPA_BENCH_RESULTS="$out/kappa$t.tsv" .build/release/KappaBench "$section" >> "$out/kappa$t.log"
+        if [ $have_torch = 1 ]; then
+            "$PYTHON" -W ignore Benchmarks/peers/pytorch_peer.py "$out/torch$t.tsv" "$section" >> "$out/torch$t.log"
+        fi
+    done
+    head -1 "$out/kappa$t.log"
     files+=("$t" "$out/kappa$t.tsv" "$out/torch$t.tsv")
 done
 grep -h "parameters" "$out"/kappa*.log "$out"/torch*.log 2>/dev/null | sort -u || true

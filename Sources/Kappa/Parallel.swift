@@ -48,7 +48,7 @@ extension Parallel {
     }
 }
 
-/// The number of threads Kappa's kernels and OpenBLAS use.
+/// The number of threads Kappa's kernels and matrix products use.
 public enum Threads {
     /// Threads for Kappa's kernels and products (each BLAS call runs on one of them); defaults
     /// to the number of active cores. Set it before starting work.
