@@ -46,7 +46,7 @@ var rng = RandomGenerator(seed: 1)
 if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet) memory\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory\n")
 
 if wants("matmul") {
 
@@ -180,11 +180,11 @@ if wants("vit") {
 
 if wants("step") || sections.contains(where: { $0.hasPrefix("ref-") }) {
     print("\nReference training steps of BENCHMARKS.md (teacher, student fwd+bwd, DINO-vMF loss, clipping, AdamW, EMA), median of 5 after 1 warm-up")
-    for w in [ReferenceStep.Workload.refMicro, .refTiny, .refResNet] where wants("step") || sections.contains(w.name) {
+    for w in [ReferenceStep.Workload.refMicro, .refTiny, .refResNet, .refIBOTMicro] where wants("step") || sections.contains(w.name) {
         let step = ReferenceStep(w)
         let t = time(reps: w.name == "ref-tiny" ? 5 : 9) { step.step() }
         record("\(w.name) training step", t)
-        if w.name != "ref-resnet" {
+        if w.name == "ref-micro" || w.name == "ref-tiny" {
             record("\(w.name) peak resident MB", Double(ProcessMemory.peakResidentBytes) / 1_048_576)
         }
         print(String(format: "  %@ (%d student parameters): %.1f ms per step, %.0f images/s, peak resident %.0f MB", w.name,

@@ -4,7 +4,7 @@
 # for every workload at each thread count.
 #
 #   bash Benchmarks/peers/compare.sh [sections...]
-#     sections: matmul elementwise overhead vmf step, or one step: ref-resnet ref-micro ref-tiny
+#     sections: matmul elementwise overhead vmf step, or one step: ref-resnet ref-micro ref-tiny ref-ibot-micro
 #
 # PyTorch comes from PyPI, in a virtual environment outside the repository:
 #   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy

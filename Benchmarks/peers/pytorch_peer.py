@@ -53,8 +53,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, image, patch, channels, width, depth, heads):
+    def __init__(self, image, patch, channels, width, depth, heads, mask_token=False):
         super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width)) if mask_token else None
         self.patch, self.grid = patch, image // patch
         self.embed = nn.Conv2d(channels, width, patch, stride=patch)
         self.cls = nn.Parameter(torch.randn(1, 1, width) * 0.02)
@@ -70,14 +71,21 @@ class ViT(nn.Module):
         grid = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False)
         return torch.cat([self.pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)], dim=1)
 
-    def forward(self, x):
+    def tokens(self, x, mask=None):
+        """All output tokens, [CLS] first; `mask` [B, N] (True = masked) swaps in the mask token."""
         b = x.shape[0]
         x = self.embed(x)
         g = x.shape[-1]
-        x = torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + self.position(g)
+        x = x.flatten(2).transpose(1, 2)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.position(g)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        return self.norm(x)
+
+    def forward(self, x):
+        return self.tokens(x)[:, 0]
 
 
 class BasicBlock(nn.Module):
@@ -177,6 +185,11 @@ class Step:
                     pairs += 1
         loss = total / pairs
         self.center = self.center * 0.9 + q * 0.1
+        self.update(loss)
+        return loss.item()
+
+    def update(self, loss):
+        """Backward, per-parameter clipping at 3.0, AdamW, the EMA teacher."""
         self.opt.zero_grad()
         loss.backward()
         for m in (self.student, self.s_head):
@@ -190,6 +203,60 @@ class Step:
             for s_, t_ in zip(list(self.student.parameters()) + list(self.s_head.parameters()),
                               list(self.teacher.parameters()) + list(self.t_head.parameters())):
                 t_.mul_(self.ema).add_(s_.detach(), alpha=1 - self.ema)
+
+
+class IBOTStep(Step):
+    """ref-ibot-micro: ref-micro with iBOT-vMF. Half of the global views get a mask of 10–50% of
+    their patches (here random patches, not blocks: the same number of masked tokens and the
+    same work), the student sees the masked views, the unmasked teacher's patch outputs are
+    the targets of the masked-patch term (the shared head, its own center)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.patch_center = torch.full_like(self.center, 1.0 / self.center.numel())
+
+    def masks(self, count, n):
+        chosen = torch.rand(count) < 0.5
+        ratio = 0.1 + 0.4 * torch.rand(count)
+        k = (ratio * n).round().long()
+        ranks = torch.rand(count, n).argsort(dim=1).argsort(dim=1)
+        return (ranks < k.unsqueeze(1)) & chosen.unsqueeze(1)
+
+    def __call__(self):
+        b = self.batch
+        n = self.student.grid ** 2
+        mask = self.masks(2 * b, n)
+        with torch.no_grad():
+            t_tokens = self.teacher.tokens(self.globals)
+            t_dots, t_norms = self.t_head(t_tokens[:, 0])
+            t_logits = self.logits(t_dots, t_norms, 0.04)
+            targets = F.softmax(t_logits - torch.log(self.center), dim=-1).chunk(2)
+            q = F.softmax(t_logits, dim=-1).mean(0)
+            tp_dots, _ = self.t_head(t_tokens[:, 1:].reshape(2 * b * n, -1))
+            tp_logits = self.logits(tp_dots, t_norms, 0.04)
+            p_targets = F.softmax(tp_logits - torch.log(self.patch_center), dim=-1).reshape(2 * b, n, -1).chunk(2)
+            pq = F.softmax(tp_logits, dim=-1).mean(0)
+        s_tokens = self.student.tokens(self.globals, mask)
+        g_dots, norms = self.s_head(s_tokens[:, 0])
+        l_dots, _ = self.s_head(self.student(self.locals))
+        logp = [F.log_softmax(self.logits(d, norms, 0.1), dim=-1) for d in list(g_dots.chunk(2)) + list(l_dots.chunk(l_dots.shape[0] // b))]
+        total, pairs = 0.0, 0
+        for iq, target in enumerate(targets):
+            for v, lp in enumerate(logp):
+                if v != iq:
+                    total = total + (-(target * lp).sum(-1).mean())
+                    pairs += 1
+        sp_dots, _ = self.s_head(s_tokens[:, 1:].reshape(2 * b * n, -1))
+        sp_logp = F.log_softmax(self.logits(sp_dots, norms, 0.1), dim=-1).reshape(2 * b, n, -1).chunk(2)
+        masks = mask.float().chunk(2)
+        patch = 0.0
+        for target, lp, m in zip(p_targets, sp_logp, masks):
+            per_patch = -(target * lp).sum(-1)
+            patch = patch + ((per_patch * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        loss = total / pairs + patch / 2
+        self.center = self.center * 0.9 + q * 0.1
+        self.patch_center = self.patch_center * 0.9 + pq * 0.1
+        self.update(loss)
         return loss.item()
 
 
@@ -245,14 +312,15 @@ def main():
         record("vMF log C_p approximate fwd+bwd (65,536 κ)", median_time(lambda: log_cp_approx(kappa, 256).sum().backward(), 50))
     steps = (("ref-micro", (lambda: ViT(28, 7, 1, 64, 4, 4), 1, 32, 28, 14, 4, 256, 64, 512)),
              ("ref-tiny", (lambda: ViT(32, 4, 3, 192, 6, 3), 3, 64, 32, 16, 6, 1024, 256, 4096)),
-             ("ref-resnet", (lambda: ResNet(1, 8), 1, 64, 28, 14, 4, 256, 64, 256, True, 0.99)))
+             ("ref-resnet", (lambda: ResNet(1, 8), 1, 64, 28, 14, 4, 256, 64, 256, True, 0.99)),
+             ("ref-ibot-micro", (lambda: ViT(28, 7, 1, 64, 4, 4, mask_token=True), 1, 32, 28, 14, 4, 256, 64, 512)))
     for name, args in steps:
         if wants("step") or name in sections:
-            step = Step(*args)
+            step = (IBOTStep if name == "ref-ibot-micro" else Step)(*args)
             count = sum(q.numel() for q in list(step.student.parameters()) + list(step.s_head.parameters()))
             print(f"  PyTorch {name}: {count} student parameters")
             record(f"{name} training step", median_time(step, 5 if name == "ref-tiny" else 9))
-            if name != "ref-resnet":
+            if name in ("ref-micro", "ref-tiny"):
                 record(f"{name} peak resident MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

@@ -59,7 +59,7 @@ int kappa_cpu_vector_level(void) {
                     T *row = cols + ((ci * g->kh + i) * g->kw + j) * row_stride;                                  \
                     const T *base = padded + (ci * hp + i * g->dh) * wp + j * g->dw;                              \
                     for (long y = 0; y < g->oh; y++) {                                                            \
-                        const T *restrict src = base + y * g->sh * wp;                                                     \
+                        const T *restrict src = base + y * g->sh * wp;                                            \
                         T *restrict dst = row + y * ow;                                                           \
                         if (sw == 1) {                                                                            \
                             for (long x = 0; x < ow; x++) dst[x] = src[x];                                        \
@@ -78,7 +78,7 @@ int kappa_cpu_vector_level(void) {
                     const T *row = cols + ((ci * g->kh + i) * g->kw + j) * row_stride;                            \
                     T *base = padded + (ci * hp + i * g->dh) * wp + j * g->dw;                                    \
                     for (long y = 0; y < g->oh; y++) {                                                            \
-                        T *restrict dst = base + y * g->sh * wp;                                                           \
+                        T *restrict dst = base + y * g->sh * wp;                                                  \
                         const T *restrict src = row + y * ow;                                                     \
                         if (sw == 1) {                                                                            \
                             for (long x = 0; x < ow; x++) dst[x] += src[x];                                       \
@@ -88,7 +88,7 @@ int kappa_cpu_vector_level(void) {
                     }                                                                                             \
                 }                                                                                                 \
     }                                                                                                             \
-    KAPPA_CLONES void kappa_phase_##SUFFIX(const T *img, T *buf, long c, long h, long w, long ph, long pw, long sh,   \
+    KAPPA_CLONES void kappa_phase_##SUFFIX(const T *img, T *buf, long c, long h, long w, long ph, long pw, long sh,  \
                                            long sw, long hq, long wq) {                                           \
         for (long ci = 0; ci < c; ci++)                                                                           \
             for (long a = 0; a < sh; a++)                                                                         \
@@ -170,12 +170,12 @@ DEFINE_IM2COL(double, f64)
 // [n, c, l]: element (i, ch, k) at (i·c + ch)·l + k. For l = 1 ([N, C]) the loops run over
 // rows with the channels innermost, so that they vectorize; otherwise over contiguous runs.
 #define DEFINE_BN(T, SUFFIX)                                                                                      \
-    KAPPA_CLONES void kappa_bn_stats_##SUFFIX(const T *x, long n, long c, long l, long c0, long c1, double eps,    \
+    KAPPA_CLONES void kappa_bn_stats_##SUFFIX(const T *x, long n, long c, long l, long c0, long c1, double eps,   \
                                               T *mean, T *var_out, T *invstd) {                                   \
         _Pragma("clang fp reassociate(on)")                                                                       \
         double m = (double)n * (double)l;                                                                         \
         if (l == 1) {                                                                                             \
-            double s[c1 - c0 > 0 ? c1 - c0 : 1], q[c1 - c0 > 0 ? c1 - c0 : 1];                                   \
+            double s[c1 - c0 > 0 ? c1 - c0 : 1], q[c1 - c0 > 0 ? c1 - c0 : 1];                                    \
             for (long ch = c0; ch < c1; ch++) s[ch - c0] = q[ch - c0] = 0;                                        \
             for (long i = 0; i < n; i++)                                                                          \
                 for (long ch = c0; ch < c1; ch++) s[ch - c0] += (double)x[i * c + ch];                            \
@@ -219,7 +219,7 @@ DEFINE_IM2COL(double, f64)
             invstd[ch] = (T)(1.0 / __builtin_sqrt(v + eps));                                                      \
         }                                                                                                         \
     }                                                                                                             \
-    KAPPA_CLONES void kappa_bn_apply_##SUFFIX(const T *x, T *y, long n, long c, long l, long c0, long c1,          \
+    KAPPA_CLONES void kappa_bn_apply_##SUFFIX(const T *x, T *y, long n, long c, long l, long c0, long c1,         \
                                               const T *scale, const T *shift, int relu) {                         \
         for (long i = 0; i < n; i++) {                                                                            \
             if (l == 1) {                                                                                         \
@@ -250,7 +250,7 @@ DEFINE_IM2COL(double, f64)
             }                                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
-    KAPPA_CLONES void kappa_bn_backward_sums_##SUFFIX(const T *x, const T *g, const T *y, long n, long c, long l,  \
+    KAPPA_CLONES void kappa_bn_backward_sums_##SUFFIX(const T *x, const T *g, const T *y, long n, long c, long l, \
                                                       long c0, long c1, const T *mean, double *sum_g,             \
                                                       double *sum_gx) {                                           \
         _Pragma("clang fp reassociate(on)")                                                                       \
@@ -292,7 +292,7 @@ DEFINE_IM2COL(double, f64)
             sum_gx[ch] = sgx;                                                                                     \
         }                                                                                                         \
     }                                                                                                             \
-    KAPPA_CLONES void kappa_bn_backward_input_##SUFFIX(const T *x, const T *g, const T *y, T *gx, long n, long c,  \
+    KAPPA_CLONES void kappa_bn_backward_input_##SUFFIX(const T *x, const T *g, const T *y, T *gx, long n, long c, \
                                                        long l, long c0, long c1, const T *mean, const T *a,       \
                                                        const T *b, const T *d) {                                  \
         for (long i = 0; i < n; i++) {                                                                            \

@@ -1,5 +1,6 @@
 import Foundation
 import Kappa
+import KappaNN
 
 /// The iBOT objective (Zhou et al., 2022) grown from DINO by composition:
 /// λ₁ · (DINO loss on the [CLS] outputs over cross-view pairs) + λ₂ · (for each global view,
@@ -112,4 +113,14 @@ public struct BlockMasking: Sendable, Codable, Equatable {
         }
         return Tensor(values, shape: [count, height * width], dtype: dtype)
     }
+}
+
+/// The shared head on a ViT's outputs for the two global views of `b` images each: the
+/// [CLS] logits per view and the patch logits [B, N, K] per view (iBOT's forward, used by the
+/// trainer and the benchmark step).
+func ibotHeads(_ head: DINOHead, _ out: (cls: Tensor, patches: Tensor), batch b: Int) -> (cls: [Tensor], patches: [Tensor]) {
+    let (n, d) = (out.patches.shape[1], out.patches.shape[2])
+    let cls = head(out.cls).logits.split(sizes: [b, b], alongAxis: 0)
+    let patches = head(out.patches.reshape([2 * b * n, d])).logits.reshape([2 * b, n, -1]).split(sizes: [b, b], alongAxis: 0)
+    return (cls, patches)
 }

@@ -258,14 +258,8 @@ public final class DINOTrainer {
         let grid = views[0].shape[2] / studentViT.configuration.patchSize
         var g = RandomGenerator(seed: configuration.seed ^ (UInt64(step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07)
         let masks = settings.masking.masks(count: 2 * b, height: grid, width: grid, using: &g)
-        func heads(_ head: DINOHead, _ out: (cls: Tensor, patches: Tensor)) -> (cls: [Tensor], patches: [Tensor]) {
-            let (n, d) = (out.patches.shape[1], out.patches.shape[2])
-            let cls = head(out.cls).logits.split(sizes: [b, b], alongAxis: 0)
-            let patches = head(out.patches.reshape([2 * b * n, d])).logits.reshape([2 * b, n, -1]).split(sizes: [b, b], alongAxis: 0)
-            return (cls, patches)
-        }
-        let t = withoutGradients { heads(teacherHead, teacherViT(globals)) }
-        let s = heads(studentHead, studentViT(globals, mask: masks))
+        let t = withoutGradients { ibotHeads(teacherHead, teacherViT(globals), batch: b) }
+        let s = ibotHeads(studentHead, studentViT(globals, mask: masks), batch: b)
         let locals = views.count > 2 ? forward(student, studentHead, Array(views.dropFirst(2))) : []
         let m = masks.split(sizes: [b, b], alongAxis: 0)
         let r = ibotLoss(studentCLS: s.cls + locals, studentNorms: studentHead.prototypeNorms, studentPatches: s.patches,

@@ -10,7 +10,7 @@ let benchmarks: @Sendable () -> Void = {
     Benchmark.defaultConfiguration = .init(metrics: [.wallClock, .cpuTotal, .peakMemoryResident, .mallocCountTotal],
                                            warmupIterations: 1, maxDuration: .seconds(10), maxIterations: 200)
 
-    for w in [ReferenceStep.Workload.refMicro, .refTiny, .refResNet] {
+    for w in [ReferenceStep.Workload.refMicro, .refTiny, .refResNet, .refIBOTMicro] {
         Benchmark("\(w.name) training step", configuration: .init(maxDuration: .seconds(30), maxIterations: w.name == "ref-tiny" ? 6 : 50)) { b in
             let step = ReferenceStep(w)
             b.startMeasurement()
