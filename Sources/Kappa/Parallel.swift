@@ -14,8 +14,8 @@ enum Parallel {
         return max(1, ProcessInfo.processInfo.activeProcessorCount)
     }()
 
-    /// Below this many elements of work a kernel runs on the calling thread: dispatching to
-    /// another core costs a few microseconds.
+    /// Below this many elements of work a kernel runs on the calling thread: handing a chunk to
+    /// another core costs about a microsecond (``WorkerPool``).
     static let grain = 1 << 16
 
     /// Runs `body` over `0..<count` split into contiguous chunks, one per core when the work
@@ -27,11 +27,9 @@ enum Parallel {
             body(0..<count)
             return
         }
-        withoutActuallyEscaping(body) { body in
-            DispatchQueue.concurrentPerform(iterations: chunks) { c in
-                let lo = count * c / chunks, hi = count * (c + 1) / chunks
-                body(lo..<hi)
-            }
+        WorkerPool.shared.run(chunks, threads: cores) { c in
+            let lo = count * c / chunks, hi = count * (c + 1) / chunks
+            body(lo..<hi)
         }
     }
 }
@@ -40,11 +38,7 @@ extension Parallel {
     /// Runs `body(chunk)` for every chunk in 0..<chunks, one per core; each chunk may call
     /// BLAS (which runs on the chunk's thread).
     static func forEachChunk(_ chunks: Int, _ body: (Int) -> Void) {
-        if chunks <= 1 {
-            body(0)
-            return
-        }
-        withoutActuallyEscaping(body) { body in DispatchQueue.concurrentPerform(iterations: chunks, execute: body) }
+        WorkerPool.shared.run(chunks, threads: cores, body)
     }
 }
 
