@@ -1,3 +1,4 @@
+import CKappaKernels
 import Dispatch
 import Foundation
 import Synchronization
@@ -36,8 +37,9 @@ final class WorkerPool: @unchecked Sendable {
 
     private static let indexBits = 32
     private static let indexMask = (1 << indexBits) - 1
-    /// Spins of a worker between jobs before it sleeps (about 50–100 µs).
-    private static let spins = 20_000
+    /// How long a worker spins between jobs before it sleeps: long enough to bridge the
+    /// serial work between two parallel ops, short enough not to hold a core for nothing.
+    private static let spinNanoseconds: UInt64 = 100_000
 
     /// Runs `body(0..<chunks)` on up to `threads` threads (the caller included).
     func run(_ chunks: Int, threads: Int, _ body: (Int) -> Void) {
@@ -57,7 +59,7 @@ final class WorkerPool: @unchecked Sendable {
                 w.wake.signal()
             }
             work()
-            while completed.load(ordering: .acquiring) < chunks { spinPause() }
+            while completed.load(ordering: .acquiring) < chunks { kappa_spin_pause() }
             self.body = nil
         }
     }
@@ -99,11 +101,13 @@ final class WorkerPool: @unchecked Sendable {
         var seen = ticket.load(ordering: .acquiring) >> Self.indexBits
         while true {
             var spins = 0
+            var start = DispatchTime.now().uptimeNanoseconds
             var generation = ticket.load(ordering: .acquiring) >> Self.indexBits
             while generation == seen {
                 spins += 1
-                if spins < Self.spins {
-                    spinPause()
+                kappa_spin_pause()
+                if spins % 64 != 0 || DispatchTime.now().uptimeNanoseconds - start < Self.spinNanoseconds {
+                    // keep spinning
                 } else {
                     // Sleep; the poster signals parked workers after publishing a job (and a
                     // job published between the store and the check is seen by the check).
@@ -111,6 +115,7 @@ final class WorkerPool: @unchecked Sendable {
                     if ticket.load(ordering: .sequentiallyConsistent) >> Self.indexBits == seen { w.wake.wait() }
                     w.parked.store(false, ordering: .sequentiallyConsistent)
                     spins = 0
+                    start = DispatchTime.now().uptimeNanoseconds
                 }
                 generation = ticket.load(ordering: .acquiring) >> Self.indexBits
             }
@@ -118,11 +123,4 @@ final class WorkerPool: @unchecked Sendable {
             work()
         }
     }
-}
-
-@inline(__always)
-private func spinPause() {
-    #if arch(x86_64) || arch(i386)
-    _ = 0  // a plain load loop; the atomic load itself paces it
-    #endif
 }

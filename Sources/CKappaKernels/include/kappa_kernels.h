@@ -18,6 +18,15 @@ extern "C" {
 /// FMA, 0 baseline (or not x86-64).
 int kappa_cpu_vector_level(void);
 
+/// A hint to the core that the thread is spin-waiting (x86 `pause`, arm64 `yield`).
+static inline void kappa_spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 /// The geometry of a 2-D convolution on one image (sizes in elements).
 typedef struct {
     long c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
