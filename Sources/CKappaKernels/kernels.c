@@ -2,7 +2,13 @@
 #include "kappa_kernels.h"
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__clang__)
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KAPPA_NO_CLONES 1  // ThreadSanitizer instruments the loader-time resolvers, which then crash
+#endif
+#endif
+
+#if defined(__x86_64__) && defined(__clang__) && !defined(KAPPA_NO_CLONES)
 // One copy of each kernel per x86-64 level; the loader picks the best for the host once.
 #define KAPPA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
