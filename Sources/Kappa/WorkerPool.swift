@@ -21,6 +21,9 @@ final class WorkerPool: @unchecked Sendable {
     private let job = Atomic<Int>(0)
     private let completed = Atomic<Int>(0)
     private let busy = Atomic<Bool>(false)
+    /// Workers that take part in the current job (``Threads/count`` − 1; more may exist if
+    /// the count was higher before).
+    private let participants = Atomic<Int>(0)
     /// The current job's body: written by the poster before it publishes the job, read by a
     /// worker only after it claimed a chunk of that job (so the job cannot finish, and the
     /// body cannot change, before the worker is done with it).
@@ -52,6 +55,7 @@ final class WorkerPool: @unchecked Sendable {
         withoutActuallyEscaping(body) { body in
             self.body = body
             completed.store(0, ordering: .relaxed)
+            participants.store(threads - 1, ordering: .relaxed)
             let generation = (ticket.load(ordering: .relaxed) >> Self.indexBits) + 1
             job.store(generation << Self.indexBits | chunks, ordering: .releasing)
             ticket.store(generation << Self.indexBits, ordering: .sequentiallyConsistent)
@@ -120,7 +124,7 @@ final class WorkerPool: @unchecked Sendable {
                 generation = ticket.load(ordering: .acquiring) >> Self.indexBits
             }
             seen = generation
-            work()
+            if w.index < participants.load(ordering: .relaxed) { work() }
         }
     }
 }
