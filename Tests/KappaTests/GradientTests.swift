@@ -308,9 +308,14 @@ struct GradientTests {
         expectClose(a.grad!.doubles, b.grad!.doubles, tol: 1e-13)
         expectGradients([qkv]) { $0[0].selfAttention(heads: 2).output }
         expectGradients([randn([1, 4, 6], seed: 94)]) { $0[0].selfAttention(heads: 1, scale: 2).output.sin() }
-        // Float32 takes the C softmax kernels and agrees with Float64 to Float32 rounding.
-        let f32 = qkv.to(.float32).selfAttention(heads: 2).output
-        expectClose(f32.doubles, qkv.selfAttention(heads: 2).output.doubles, tol: 1e-6)
+        // Float32 takes the C softmax kernels and agrees with Float64 to Float32 rounding,
+        // forward and backward.
+        let q32 = qkv.to(.float32).requiringGrad(), q64 = qkv.copied().requiringGrad()
+        let (f32, f64) = (q32.selfAttention(heads: 2).output, q64.selfAttention(heads: 2).output)
+        expectClose(f32.doubles, f64.doubles, tol: 1e-6)
+        (f32 * gout.to(.float32)).sum().backward()
+        (f64 * gout).sum().backward()
+        expectClose(q32.grad!.doubles, q64.grad!.doubles, tol: 1e-5)
     }
 
     @Test func pooling() {

@@ -67,7 +67,7 @@ private func forEachPairChunk<T: TensorScalar>(_ g: AttentionGeometry, scratch: 
     Parallel.forEachChunk(chunks) { c in body(range(c), pb + c * scratch) }
 }
 
-/// Softmax (or its backward) of `rows` rows of `n`, in place or into `out`.
+/// Softmax of `rows` rows of `n`, from `x` into another buffer `y`.
 @inline(__always)
 private func softmaxRows<T: TensorScalar>(_ x: UnsafeMutablePointer<T>, _ y: UnsafeMutablePointer<T>, rows: Int, _ n: Int) {
     if T.self == Float.self {
@@ -86,6 +86,7 @@ private func softmaxRows<T: TensorScalar>(_ x: UnsafeMutablePointer<T>, _ y: Uns
     }
 }
 
+/// Softmax's backward on `rows` rows of `n`: gx = y ⊙ (g − Σ g ⊙ y); gx must not be g.
 @inline(__always)
 private func softmaxBackwardRows<T: TensorScalar>(_ g: UnsafeMutablePointer<T>, _ y: UnsafeMutablePointer<T>,
                                                   _ gx: UnsafeMutablePointer<T>, rows: Int, _ n: Int) {
@@ -105,12 +106,12 @@ private func attentionForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ pro
                                                _: T.Type) {
     let px = x.pointer(T.self), po = out.pointer(T.self), pp = probabilities.pointer(T.self)
     let (n, d, dh, ld) = (g.n, g.d, g.dh, 3 * g.d)
-    forEachPairChunk(g, scratch: 0, dtype: x.dtype, T.self) { pairs, _ in
+    forEachPairChunk(g, scratch: n * n, dtype: x.dtype, T.self) { pairs, scores in
         for i in pairs {
             let q = px + g.qkvOffset(i), k = q + d, v = q + 2 * d
             let p = pp + i * n * n
-            gemm(false, true, n, n, dh, q, ld, k, ld, p, n, alpha: T(g.scale))
-            softmaxRows(p, p, rows: n, n)
+            gemm(false, true, n, n, dh, q, ld, k, ld, scores, n, alpha: T(g.scale))
+            softmaxRows(scores, p, rows: n, n)
             gemm(false, false, n, dh, n, p, n, v, ld, po + g.outOffset(i), d)
         }
     }
@@ -120,16 +121,17 @@ private func attentionBackward<T: TensorScalar>(_ x: Tensor, _ probabilities: Te
                                                 _ g: AttentionGeometry, _: T.Type) {
     let px = x.pointer(T.self), pp = probabilities.pointer(T.self), pg = gout.pointer(T.self), pgx = gx.pointer(T.self)
     let (n, d, dh, ld) = (g.n, g.d, g.dh, 3 * g.d)
-    forEachPairChunk(g, scratch: n * n, dtype: x.dtype, T.self) { pairs, dp in
+    forEachPairChunk(g, scratch: 2 * n * n, dtype: x.dtype, T.self) { pairs, dp in
+        let ds = dp + n * n  // the row kernels take distinct input and output
         for i in pairs {
             let q = px + g.qkvOffset(i), k = q + d, v = q + 2 * d
             let dq = pgx + g.qkvOffset(i), dk = dq + d, dv = dq + 2 * d
             let p = pp + i * n * n, dout = pg + g.outOffset(i)
             gemm(true, false, n, dh, n, p, n, dout, d, dv, ld)              // dV = Pᵀ dO
             gemm(false, true, n, n, dh, dout, d, v, ld, dp, n)              // dP = dO Vᵀ
-            softmaxBackwardRows(dp, p, dp, rows: n, n)                      // dS (unscaled)
-            gemm(false, false, n, dh, n, dp, n, k, ld, dq, ld, alpha: T(g.scale))  // dQ = s·dS K
-            gemm(true, false, n, dh, n, dp, n, q, ld, dk, ld, alpha: T(g.scale))   // dK = s·dSᵀ Q
+            softmaxBackwardRows(dp, p, ds, rows: n, n)                      // dS (unscaled)
+            gemm(false, false, n, dh, n, ds, n, k, ld, dq, ld, alpha: T(g.scale))  // dQ = s·dS K
+            gemm(true, false, n, dh, n, ds, n, q, ld, dk, ld, alpha: T(g.scale))   // dK = s·dSᵀ Q
         }
     }
 }
