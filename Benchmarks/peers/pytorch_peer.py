@@ -175,6 +175,14 @@ class Step:
             targets = F.softmax(t_logits - torch.log(self.center), dim=-1).chunk(2)
             q = F.softmax(t_logits, dim=-1).mean(0)
         g_dots, norms = self.s_head(self.student(self.globals))
+        loss = self.cls_loss(targets, g_dots, norms)
+        self.center = self.center * 0.9 + q * 0.1
+        self.update(loss)
+        return loss.item()
+
+    def cls_loss(self, targets, g_dots, norms):
+        """DINO-vMF's multi-crop cross-entropy over cross-view pairs (student local views here)."""
+        b = self.batch
         l_dots, _ = self.s_head(self.student(self.locals))
         logp = [F.log_softmax(self.logits(d, norms, 0.1), dim=-1) for d in list(g_dots.chunk(2)) + list(l_dots.chunk(l_dots.shape[0] // b))]
         total, pairs = 0.0, 0
@@ -183,10 +191,7 @@ class Step:
                 if v != iq:
                     total = total + (-(target * lp).sum(-1).mean())
                     pairs += 1
-        loss = total / pairs
-        self.center = self.center * 0.9 + q * 0.1
-        self.update(loss)
-        return loss.item()
+        return total / pairs
 
     def update(self, loss):
         """Backward, per-parameter clipping at 3.0, AdamW, the EMA teacher."""
@@ -238,14 +243,7 @@ class IBOTStep(Step):
             pq = F.softmax(tp_logits, dim=-1).mean(0)
         s_tokens = self.student.tokens(self.globals, mask)
         g_dots, norms = self.s_head(s_tokens[:, 0])
-        l_dots, _ = self.s_head(self.student(self.locals))
-        logp = [F.log_softmax(self.logits(d, norms, 0.1), dim=-1) for d in list(g_dots.chunk(2)) + list(l_dots.chunk(l_dots.shape[0] // b))]
-        total, pairs = 0.0, 0
-        for iq, target in enumerate(targets):
-            for v, lp in enumerate(logp):
-                if v != iq:
-                    total = total + (-(target * lp).sum(-1).mean())
-                    pairs += 1
+        cls = self.cls_loss(targets, g_dots, norms)
         sp_dots, _ = self.s_head(s_tokens[:, 1:].reshape(2 * b * n, -1))
         sp_logp = F.log_softmax(self.logits(sp_dots, norms, 0.1), dim=-1).reshape(2 * b, n, -1).chunk(2)
         masks = mask.float().chunk(2)
@@ -253,7 +251,7 @@ class IBOTStep(Step):
         for target, lp, m in zip(p_targets, sp_logp, masks):
             per_patch = -(target * lp).sum(-1)
             patch = patch + ((per_patch * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-        loss = total / pairs + patch / 2
+        loss = cls + patch / 2
         self.center = self.center * 0.9 + q * 0.1
         self.patch_center = self.patch_center * 0.9 + pq * 0.1
         self.update(loss)
