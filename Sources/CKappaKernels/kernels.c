@@ -28,34 +28,10 @@ int kappa_cpu_vector_level(void) {
 
 // MARK: im2col / col2im
 
-// Both work on the image with its zero padding laid out ([c, h + 2ph, w + 2pw]; the image
-// itself when there is no padding), so that no inner loop tests bounds and none calls
-// memcpy/memset for the few elements of a row (7, 4 or 2 in a small ResNet's last stages).
+// Both work on the image with its zero padding laid out ([c, h + 2ph, w + 2pw], kappa_phase at
+// stride 1; the image itself when there is no padding), so that no inner loop tests bounds
+// and none calls memcpy/memset for the few elements of a row (7, 4 or 2 in the last stages).
 #define DEFINE_IM2COL(T, SUFFIX)                                                                                  \
-    KAPPA_CLONES void kappa_pad_##SUFFIX(const T *img, T *padded, long c, long h, long w, long ph, long pw) {     \
-        long hp = h + 2 * ph, wp = w + 2 * pw;                                                                    \
-        for (long ci = 0; ci < c; ci++) {                                                                         \
-            T *plane = padded + ci * hp * wp;                                                                     \
-            for (long k = 0; k < ph * wp; k++) plane[k] = 0;                                                      \
-            for (long y = 0; y < h; y++) {                                                                        \
-                T *row = plane + (y + ph) * wp;                                                                   \
-                const T *src = img + (ci * h + y) * w;                                                            \
-                for (long x = 0; x < pw; x++) row[x] = 0;                                                         \
-                for (long x = 0; x < w; x++) row[pw + x] = src[x];                                                \
-                for (long x = pw + w; x < wp; x++) row[x] = 0;                                                    \
-            }                                                                                                     \
-            for (long k = (h + ph) * wp; k < hp * wp; k++) plane[k] = 0;                                          \
-        }                                                                                                         \
-    }                                                                                                             \
-    KAPPA_CLONES void kappa_unpad_##SUFFIX(const T *padded, T *img, long c, long h, long w, long ph, long pw) {   \
-        long hp = h + 2 * ph, wp = w + 2 * pw;                                                                    \
-        for (long ci = 0; ci < c; ci++)                                                                           \
-            for (long y = 0; y < h; y++) {                                                                        \
-                const T *src = padded + (ci * hp + y + ph) * wp + pw;                                             \
-                T *dst = img + (ci * h + y) * w;                                                                  \
-                for (long x = 0; x < w; x++) dst[x] = src[x];                                                     \
-            }                                                                                                     \
-    }                                                                                                             \
     KAPPA_CLONES void kappa_im2col_##SUFFIX(const T *padded, T *cols, const kappa_conv_geometry *g,               \
                                             long row_stride) {                                                    \
         long hp = g->h + 2 * g->ph, wp = g->w + 2 * g->pw, ow = g->ow, sw = g->sw;                                \

@@ -32,11 +32,6 @@ typedef struct {
     long c, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
 } kappa_conv_geometry;
 
-// The image [c, h, w] with zero padding: padded [c, h + 2ph, w + 2pw]; and back (the interior).
-void kappa_pad_f32(const float *img, float *padded, long c, long h, long w, long ph, long pw);
-void kappa_pad_f64(const double *img, double *padded, long c, long h, long w, long ph, long pw);
-void kappa_unpad_f32(const float *padded, float *img, long c, long h, long w, long ph, long pw);
-void kappa_unpad_f64(const double *padded, double *img, long c, long h, long w, long ph, long pw);
 // cols[(ci·kh + i)·kw + j][y·ow + x] = padded[ci][y·sh + i·dh][x·sw + j·dw], from the padded
 // image; rows of cols are row_stride apart (several images can share one column matrix).
 void kappa_im2col_f32(const float *padded, float *cols, const kappa_conv_geometry *g, long row_stride);

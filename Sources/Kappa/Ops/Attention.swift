@@ -57,11 +57,11 @@ struct AttentionGeometry {
 
 /// Runs `body` over the (image, head) pairs split into one chunk per core, each chunk with
 /// `scratch` elements of its own.
-private func forEachPairChunk<T: TensorScalar>(_ g: AttentionGeometry, scratch: Int, dtype: DType, _: T.Type,
+private func forEachPairChunk<T: TensorScalar>(_ g: AttentionGeometry, scratch: Int, _: T.Type,
                                                _ body: (Range<Int>, UnsafeMutablePointer<T>) -> Void) {
     let work = g.pairs * g.n * g.n * g.dh * 4
     let chunks = Swift.max(1, Swift.min(Parallel.cores, g.pairs, work / Parallel.grain))
-    let buffer = Tensor(uninitialized: [chunks, Swift.max(scratch, 1)], dtype: dtype)
+    let buffer = Tensor(uninitialized: [chunks, Swift.max(scratch, 1)], dtype: T.dtype)
     let pb = buffer.pointer(T.self)
     let range = { (c: Int) in (g.pairs * c / chunks)..<(g.pairs * (c + 1) / chunks) }
     Parallel.forEachChunk(chunks) { c in body(range(c), pb + c * scratch) }
@@ -106,7 +106,7 @@ private func attentionForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ pro
                                                _: T.Type) {
     let px = x.pointer(T.self), po = out.pointer(T.self), pp = probabilities.pointer(T.self)
     let (n, d, dh, ld) = (g.n, g.d, g.dh, 3 * g.d)
-    forEachPairChunk(g, scratch: n * n, dtype: x.dtype, T.self) { pairs, scores in
+    forEachPairChunk(g, scratch: n * n, T.self) { pairs, scores in
         for i in pairs {
             let q = px + g.qkvOffset(i), k = q + d, v = q + 2 * d
             let p = pp + i * n * n
@@ -121,7 +121,7 @@ private func attentionBackward<T: TensorScalar>(_ x: Tensor, _ probabilities: Te
                                                 _ g: AttentionGeometry, _: T.Type) {
     let px = x.pointer(T.self), pp = probabilities.pointer(T.self), pg = gout.pointer(T.self), pgx = gx.pointer(T.self)
     let (n, d, dh, ld) = (g.n, g.d, g.dh, 3 * g.d)
-    forEachPairChunk(g, scratch: 2 * n * n, dtype: x.dtype, T.self) { pairs, dp in
+    forEachPairChunk(g, scratch: 2 * n * n, T.self) { pairs, dp in
         let ds = dp + n * n  // the row kernels take distinct input and output
         for i in pairs {
             let q = px + g.qkvOffset(i), k = q + d, v = q + 2 * d

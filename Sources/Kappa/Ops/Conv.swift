@@ -219,8 +219,8 @@ extension ConvGeometry {
     /// Columns per output row in the column matrix, and per image.
     var width: Int { isWide ? wq : ow }
     var span: Int { oh * width }
-    /// Whether the columns are taken from a zero-padded copy of the image.
-    var usesPaddedCopy: Bool { ph > 0 || pw > 0 || isWide }
+    /// Whether im2col (off the wide grid) reads a zero-padded copy of the image.
+    var usesPaddedCopy: Bool { ph > 0 || pw > 0 }
     /// Elements of one image's padded copy (its phases on the wide grid, with the tail that
     /// the last row's dropped columns read).
     var paddedSize: Int { isWide ? c * plane + wq + (kw - 1) * dw : c * (h + 2 * ph) * (w + 2 * pw) }
@@ -249,21 +249,20 @@ private func forEachImageChunk(_ b: Int, chunks: Int, _ body: (_ chunk: Int, _ i
 
 /// The C kernels of im2col and its helpers, for either element type.
 private enum ConvKernels<T: TensorScalar> {
-    static func phase(_ img: UnsafeMutablePointer<T>, _ buf: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
-        if T.self == Float.self { kappa_phase_f32(f32(img), f32(buf), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
-        else { kappa_phase_f64(f64(img), f64(buf), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
+    /// The padded image split into its sh × sw phases (``ConvGeometry/hq``); at stride
+    /// 1 × 1 (`strided: false`) the plain zero-padded copy that im2col reads.
+    static func phase(_ img: UnsafeMutablePointer<T>, _ buf: UnsafeMutablePointer<T>, _ g: ConvGeometry, strided: Bool = true) {
+        let (sh, sw) = strided ? (g.sh, g.sw) : (1, 1)
+        let (hq, wq) = strided ? (g.hq, g.wq) : (g.h + 2 * g.ph, g.w + 2 * g.pw)
+        if T.self == Float.self { kappa_phase_f32(f32(img), f32(buf), g.c, g.h, g.w, g.ph, g.pw, sh, sw, hq, wq) }
+        else { kappa_phase_f64(f64(img), f64(buf), g.c, g.h, g.w, g.ph, g.pw, sh, sw, hq, wq) }
     }
-    static func unphase(_ buf: UnsafeMutablePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
-        if T.self == Float.self { kappa_unphase_f32(f32(buf), f32(img), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
-        else { kappa_unphase_f64(f64(buf), f64(img), g.c, g.h, g.w, g.ph, g.pw, g.sh, g.sw, g.hq, g.wq) }
-    }
-    static func pad(_ img: UnsafeMutablePointer<T>, _ padded: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
-        if T.self == Float.self { kappa_pad_f32(f32(img), f32(padded), g.c, g.h, g.w, g.ph, g.pw) }
-        else { kappa_pad_f64(f64(img), f64(padded), g.c, g.h, g.w, g.ph, g.pw) }
-    }
-    static func unpad(_ padded: UnsafeMutablePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry) {
-        if T.self == Float.self { kappa_unpad_f32(f32(padded), f32(img), g.c, g.h, g.w, g.ph, g.pw) }
-        else { kappa_unpad_f64(f64(padded), f64(img), g.c, g.h, g.w, g.ph, g.pw) }
+    /// The image's part of ``phase(_:_:_:strided:)``'s layout, back into an image.
+    static func unphase(_ buf: UnsafeMutablePointer<T>, _ img: UnsafeMutablePointer<T>, _ g: ConvGeometry, strided: Bool = true) {
+        let (sh, sw) = strided ? (g.sh, g.sw) : (1, 1)
+        let (hq, wq) = strided ? (g.hq, g.wq) : (g.h + 2 * g.ph, g.w + 2 * g.pw)
+        if T.self == Float.self { kappa_unphase_f32(f32(buf), f32(img), g.c, g.h, g.w, g.ph, g.pw, sh, sw, hq, wq) }
+        else { kappa_unphase_f64(f64(buf), f64(img), g.c, g.h, g.w, g.ph, g.pw, sh, sw, hq, wq) }
     }
     static func im2col(_ padded: UnsafeMutablePointer<T>, _ cols: UnsafeMutablePointer<T>, _ g: ConvGeometry, rowStride: Int) {
         var cg = g.c_geometry
@@ -302,7 +301,7 @@ private enum ConvKernels<T: TensorScalar> {
         if g.isPointwise && count == 1 { return px + first * imageSize }
         for j in 0..<count {
             let img = px + (first + j) * imageSize
-            if g.usesPaddedCopy { pad(img, padded, g) }
+            if g.usesPaddedCopy { phase(img, padded, g, strided: false) }
             im2col(g.usesPaddedCopy ? padded : img, cols + j * g.span, g, rowStride: count * g.span)
         }
         return cols
@@ -413,7 +412,7 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
                 if g.usesPaddedCopy {
                     padded.update(repeating: 0, count: g.paddedSize)
                     ConvKernels<T>.col2im(dcols + j * g.span, padded, g, rowStride: n)
-                    ConvKernels<T>.unpad(padded, dst, g)
+                    ConvKernels<T>.unphase(padded, dst, g, strided: false)
                 } else {
                     dst.update(repeating: 0, count: imageSize)
                     ConvKernels<T>.col2im(dcols + j * g.span, dst, g, rowStride: n)
