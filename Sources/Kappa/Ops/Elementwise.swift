@@ -33,8 +33,9 @@ enum Negate: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { -x }
     static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { -1 }
     static let float32Kernels: UnaryKernels? = UnaryKernels(
-        forward: { x, y, n, _, _ in kappa_affine_f32(x, y, n, -1, 0) },
-        backward: { g, _, _, gx, n, _, _ in kappa_affine_f32(g, gx, n, -1, 0) })
+        // −1·x + (−0): −0 keeps −(+0) = −0 as plain negation does (+0 would turn it to +0).
+        forward: { x, y, n, _, _ in kappa_affine_f32(x, y, n, -1, -0.0) },
+        backward: { g, _, _, gx, n, _, _ in kappa_affine_f32(g, gx, n, -1, -0.0) })
 }
 /// a·x + b (scalar addition, subtraction and multiplication).
 enum Affine: UnaryFunction {
