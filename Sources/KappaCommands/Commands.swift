@@ -9,6 +9,7 @@ import Foundation
 import Kappa
 import KappaNN
 import KappaSSL
+import Synchronization
 
 public struct DataOptions: ParsableArguments {
     public init() {}
@@ -36,17 +37,19 @@ public struct DataOptions: ParsableArguments {
 
 public struct ModelOptions: ParsableArguments {
     public init() {}
-    public enum Method: String, ExpressibleByArgument, CaseIterable {
-        case dinoVMF = "dino-vmf", dino, ibotVMF = "ibot-vmf", ibot
-        var isIBOT: Bool { self == .ibotVMF || self == .ibot }
-        var isVMF: Bool { self == .dinoVMF || self == .ibotVMF }
-    }
+    typealias Method = SSLMethod
     enum CenteringChoice: String, ExpressibleByArgument, CaseIterable { case probability, logit, sinkhorn }
     enum AugmentationChoice: String, ExpressibleByArgument, CaseIterable { case small, dino }
-    enum Backbone: String, ExpressibleByArgument, CaseIterable { case vitMicro = "vit-micro", vitTiny = "vit-tiny", vitSmall = "vit-small", resnet }
 
-    @Option(help: "dino-vmf: learned prototype norms, vMF-normalized logits, probability centering; dino: normalized prototypes, plain logits, logit centering; ibot-vmf / ibot: the same plus masked patch prediction (ViT only). The three switches below override single parts (the paper's ablation).")
-    var method: Method = KappaCommand.defaultMethod
+    /// The defaults the help texts show: every option overrides a field of this configuration
+    /// (or of the preset the method and backbone pick), so no default is written here.
+    static let d = DINOConfiguration()
+    static let vit = (try? DINOConfiguration.preset(method: .dinoVMF, backbone: .vitMicro)) ?? DINOConfiguration()
+    static let dinoViews = MultiCropAugmentation.dino
+
+    @Option(help: "dino-vmf: learned prototype norms, vMF-normalized logits, probability centering; dino: normalized prototypes, plain logits, logit centering; ibot-vmf / ibot: the same plus masked patch prediction (ViT only). The three switches below override single parts (the paper's ablation). Default: \(KappaCommand.defaultMethod.rawValue).")
+    var method: Method?
+    var resolvedMethod: Method { method ?? KappaCommand.defaultMethod }
     @Option(help: "Override: add log C_p(‖w_k‖/τ) to the logits (true/false).")
     var vmfNormalization: Bool?
     @Option(help: "Override: L2-normalized prototypes, g fixed at 1 (true/false). With learned norms and no vMF term the mixture is unnormalized and can favour large-norm prototypes.")
@@ -55,162 +58,185 @@ public struct ModelOptions: ParsableArguments {
     var centering: CenteringChoice?
     @Flag(help: "Use the exact Bessel normalizer instead of the paper's large-order approximation (slower, same results for p ≥ 64).")
     var exactNormalizer = false
-    @Option(help: "Backbone: resnet (ResNet-18 layout, --resnet-width; the default of DINOvMF), vit-micro (64 wide, 4 deep, 4 heads; the default of iBOTvMF, which needs a ViT), vit-tiny (192, 12, 3), vit-small (384, 12, 6). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones.")
-    var backbone: Backbone?
-    /// The backbone: `--backbone`, else a ResNet for DINO and ViT-micro for iBOT (masking needs patches).
-    var resolvedBackbone: Backbone { backbone ?? (method.isIBOT ? .vitMicro : .resnet) }
-    @Option(help: "ResNet width (64 is ResNet-18's); small values train fast on two cores. Default 8.")
-    var resnetWidth = 8
-    @Option(help: "Prototypes K. Too many for the data leaves most unused; too few merges classes. Default 256.")
-    var prototypes = 256
-    @Option(help: "Bottleneck dimension p (the sphere S^{p-1} of the vMF components). Default 64.")
-    var bottleneck = 64
-    @Option(help: "Hidden width of the head's MLP. Default 256.")
-    var headHidden = 256
-    @Option(help: "Epochs. Default: 10 with a ResNet, 20 with a ViT (about nine and seven minutes on 8,000 images and two cores).")
+    @Option(help: "Backbone: resnet (ResNet-18 layout, --resnet-width), vit-micro (64 wide, 4 deep, 4 heads), vit-tiny (192, 12, 3), vit-small (384, 12, 6). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones. Default: \(SSLMethod.dinoVMF.defaultBackbone.rawValue) for DINO, \(SSLMethod.ibotVMF.defaultBackbone.rawValue) for iBOT (masking needs patches).")
+    var backbone: BackbonePreset?
+    @Option(help: "ResNet width (64 is ResNet-18's); small values train fast on two cores. Default: 8.")
+    var resnetWidth: Int?
+    @Option(help: "Prototypes K. Too many for the data leaves most unused; too few merges classes. Default: \(d.prototypes).")
+    var prototypes: Int?
+    @Option(help: "Bottleneck dimension p (the sphere S^{p-1} of the vMF components). Default: \(d.bottleneck).")
+    var bottleneck: Int?
+    @Option(help: "Hidden width of the head's MLP. Default: \(d.headHidden).")
+    var headHidden: Int?
+    @Option(help: "Epochs. Default: \(d.epochs) with a ResNet, \(vit.epochs) with a ViT.")
     var epochs: Int?
-    var resolvedEpochs: Int { epochs ?? (resolvedBackbone == .resnet ? 10 : 20) }
-    @Option(help: "Images per batch (each gives 2 global + --local-crops local views).")
-    var batchSize = 64
-    @Option(help: "Base learning rate, scaled by batch/256 (AdamW, linear warmup then cosine). Too high makes the loss NaN or collapses the teacher. Default: 1e-2 with a ResNet (BatchNorm throughout), 2e-3 with a ViT.")
+    @Option(help: "Images per batch (each gives 2 global + --local-crops local views). Default: \(d.batchSize).")
+    var batchSize: Int?
+    @Option(help: "Base learning rate, scaled by batch/256 (AdamW, linear warmup then cosine). Too high makes the loss NaN or collapses the teacher. Default: \(d.baseLearningRate) with a ResNet (BatchNorm throughout), \(vit.baseLearningRate) with a ViT.")
     var lr: Double?
-    var resolvedLearningRate: Double { lr ?? (resolvedBackbone == .resnet ? 1e-2 : 2e-3) }
-    @Option(help: "Final learning rate of the cosine schedule.")
-    var minLr = 1e-5
-    @Option(help: "Warmup epochs of the learning rate.")
-    var warmupEpochs = 2
-    @Option(help: "Weight decay at the start (cosine to --weight-decay-end); it also shrinks the learned prototype norms.")
-    var weightDecay = 0.04
-    @Option(help: "Weight decay at the end.")
-    var weightDecayEnd = 0.4
+    @Option(help: "Final learning rate of the cosine schedule. Default: \(d.minLearningRate).")
+    var minLr: Double?
+    @Option(help: "Warmup epochs of the learning rate. Default: \(d.warmupEpochs), or --epochs if fewer.")
+    var warmupEpochs: Int?
+    @Option(help: "Weight decay at the start (cosine to --weight-decay-end); it also shrinks the learned prototype norms. Default: \(d.weightDecay).")
+    var weightDecay: Double?
+    @Option(help: "Weight decay at the end. Default: \(d.weightDecayEnd).")
+    var weightDecayEnd: Double?
     @Flag(help: "Exempt the prototype norms g from weight decay (DINO decays them: its g has shape [K, 1]).")
     var noDecayOnNorms = false
-    @Option(help: "Teacher EMA momentum at the start (cosine to 1). Near 1 the teacher moves slowly; on small data 0.99 learns faster than DINO's 0.996.")
-    var teacherMomentum = 0.99
-    @Option(help: "Student temperature τ_s.")
-    var studentTemp = 0.1
-    @Option(help: "Teacher temperature τ_t after warmup (0.04 … 0.07); lower is sharper targets, too high lets the teacher go uniform.")
-    var teacherTemp = 0.04
-    @Option(help: "Teacher temperature at epoch 0.")
-    var warmupTeacherTemp = 0.04
-    @Option(help: "Epochs of teacher-temperature warmup.")
-    var warmupTeacherEpochs = 0
-    @Option(help: "Center momentum m.")
-    var centerMomentum = 0.9
-    @Option(help: "Per-parameter gradient clipping norm (0 disables).")
-    var clipGrad = 3.0
-    @Option(help: "Epochs during which the last layer's gradient is dropped.")
-    var freezeLastLayer = 1
-    @Option(help: "Views: small (global crops of 90–100% of the image, local 70–90%, brightness/contrast jitter 0.2, no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either.")
-    var augmentation: AugmentationChoice = .small
-    @Option(help: "Local crops per image.")
-    var localCrops = 4
-    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). small: 0.9; DINO: 0.4.")
+    @Option(help: "Teacher EMA momentum at the start (cosine to 1). Near 1 the teacher moves slowly; on small data 0.99 learns faster than DINO's 0.996. Default: \(d.teacherMomentum).")
+    var teacherMomentum: Double?
+    @Option(help: "Student temperature τ_s. Default: \(d.loss.studentTemperature).")
+    var studentTemp: Double?
+    @Option(help: "Teacher temperature τ_t after warmup (0.04 … 0.07); lower is sharper targets, too high lets the teacher go uniform. Default: \(d.loss.teacherTemperature).")
+    var teacherTemp: Double?
+    @Option(help: "Teacher temperature at epoch 0. Default: \(d.loss.warmupTeacherTemperature).")
+    var warmupTeacherTemp: Double?
+    @Option(help: "Epochs of teacher-temperature warmup. Default: \(d.loss.warmupTeacherEpochs).")
+    var warmupTeacherEpochs: Int?
+    @Option(help: "Center momentum m. Default: \(d.loss.centerMomentum).")
+    var centerMomentum: Double?
+    @Option(help: "Per-parameter gradient clipping norm (0 disables). Default: \(d.clipGradient).")
+    var clipGrad: Double?
+    @Option(help: "Epochs during which the last layer's gradient is dropped. Default: \(d.freezeLastLayerEpochs).")
+    var freezeLastLayer: Int?
+    @Option(help: "Views: small (global crops of \(Int(100 * d.augmentation.globalScale.lowerBound))–100% of the image, local \(Int(100 * d.augmentation.localScale.lowerBound))–\(Int(100 * d.augmentation.localScale.upperBound))%, brightness/contrast jitter \(d.augmentation.brightness), no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either. Default: small.")
+    var augmentation: AugmentationChoice?
+    @Option(help: "Local crops per image. Default: \(d.augmentation.localCrops).")
+    var localCrops: Int?
+    @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). Default: \(d.augmentation.globalScale.lowerBound) with small views, \(dinoViews.globalScale.lowerBound) with dino.")
     var globalCropMin: Double?
-    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. Default: 0.5 with --augmentation small on the built-in data, whose images are light on dark or dark on light at random; else 0.")
+    @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. Default: 0.5 with small views on the built-in data, whose images are light on dark or dark on light at random; else 0.")
     var invertProbability: Double?
-    @Option(help: "Largest rotation of a view in degrees (uniform in ±this, edges repeated); not in DINO.")
-    var rotation = 0.0
-    @Option(help: "Largest shift of a view as a share of the image side (uniform in ±this per axis, edges repeated); not in DINO.")
-    var translation = 0.0
-    @Option(help: "Largest standard deviation of Gaussian pixel noise added to a view (each view draws its own in [0, this]).")
-    var noise = 0.0
-    @Option(help: "Smallest area share of a local crop. small: 0.7; DINO: 0.05 (on 28-pixel images a 6-pixel patch that may miss the object).")
+    @Option(help: "Largest rotation of a view in degrees (uniform in ±this, edges repeated); not in DINO. Default: \(d.augmentation.rotationDegrees).")
+    var rotation: Double?
+    @Option(help: "Largest shift of a view as a share of the image side (uniform in ±this per axis, edges repeated); not in DINO. Default: \(d.augmentation.translation).")
+    var translation: Double?
+    @Option(help: "Largest standard deviation of Gaussian pixel noise added to a view (each view draws its own in [0, this]). Default: \(d.augmentation.noiseStd).")
+    var noise: Double?
+    @Option(help: "Smallest area share of a local crop. Default: \(d.augmentation.localScale.lowerBound) with small views, \(dinoViews.localScale.lowerBound) with dino (on 28-pixel images a 6-pixel patch that may miss the object), at most --global-crop-min.")
     var localCropMin: Double?
 
-    var cropScales: (global: Double, local: Double) {
-        let global = globalCropMin ?? (augmentation == .small ? 0.9 : 0.4)
-        return (global, localCropMin ?? Swift.min(global, augmentation == .small ? 0.7 : 0.05))
-    }
+    static let ibot = IBOTSettings(following: DINOConfiguration().loss)
+    @Option(help: "iBOT: weight λ₂ of the masked-patch term (λ₁ = 1). Default: \(ibot.patchWeight).")
+    var patchWeight: Double?
+    @Option(help: "iBOT: teacher temperature of the patch term. Default: \(ibot.patch.teacherTemperature).")
+    var patchTeacherTemp: Double?
+    @Option(help: "iBOT: share of the patches masked in a masked image, drawn from [--mask-ratio-min, --mask-ratio-max]. Default: \(ibot.masking.ratio.lowerBound).")
+    var maskRatioMin: Double?
+    @Option(help: "iBOT: largest masked share. Default: \(ibot.masking.ratio.upperBound).")
+    var maskRatioMax: Double?
+    @Option(help: "iBOT: probability that an image is masked at all. Default: \(ibot.masking.probability).")
+    var maskProbability: Double?
 
-    @Option(help: "iBOT: weight λ₂ of the masked-patch term (λ₁ = 1).")
-    var patchWeight = 1.0
-    @Option(help: "iBOT: teacher temperature of the patch term.")
-    var patchTeacherTemp = 0.04
-    @Option(help: "iBOT: share of the patches masked in a masked image, drawn from [--mask-ratio-min, --mask-ratio-max].")
-    var maskRatioMin = 0.1
-    @Option(help: "iBOT: largest masked share.")
-    var maskRatioMax = 0.5
-    @Option(help: "iBOT: probability that an image is masked at all.")
-    var maskProbability = 0.5
-
-    /// Argument errors are thrown (and printed by ArgumentParser), never preconditions.
-    func validated() throws {
-        let epochs = resolvedEpochs
-        guard epochs >= 1 else { throw ValidationError("--epochs must be at least 1") }
-        guard warmupEpochs >= 0 && warmupEpochs <= epochs else { throw ValidationError("--warmup-epochs must lie in 0...\(epochs) (--epochs)") }
-        guard warmupTeacherEpochs >= 0 else { throw ValidationError("--warmup-teacher-epochs must not be negative") }
-        guard batchSize >= 1, prototypes >= 1, bottleneck >= 2, headHidden >= 1, resnetWidth >= 1, localCrops >= 0 else {
-            throw ValidationError("--batch-size, --prototypes, --head-hidden and --resnet-width must be positive, --bottleneck at least 2, --local-crops not negative")
-        }
-        guard resolvedLearningRate > 0, minLr >= 0, studentTemp > 0, teacherTemp > 0, warmupTeacherTemp > 0, patchTeacherTemp > 0 else {
-            throw ValidationError("learning rates and temperatures must be positive")
-        }
-        guard (0...1).contains(teacherMomentum), (0...1).contains(centerMomentum), (0...1).contains(maskProbability),
-              (0...1).contains(invertProbability ?? 0), (0...180).contains(rotation), (0...1).contains(translation), (0...1).contains(noise),
-              0 < cropScales.local, cropScales.local <= cropScales.global, cropScales.global <= 1,
-              0 <= maskRatioMin, maskRatioMin <= maskRatioMax, maskRatioMax < 1 else {
-            throw ValidationError("momenta and probabilities must lie in [0, 1], --rotation in [0, 180], --translation and --noise in [0, 1], crop scales in 0 < --local-crop-min ≤ --global-crop-min ≤ 1, mask ratios in 0 ≤ min ≤ max < 1")
-        }
-    }
-
-    /// The run's configuration; `mixedPolarity`: the data draws light-on-dark and dark-on-light
-    /// images at random (the built-in shapes), so the small views invert half of the views.
+    /// The run's configuration: the preset of the method and backbone for these images, with
+    /// every option given on the command line put over it. `mixedPolarity`: the data draws
+    /// light-on-dark and dark-on-light images at random (the built-in shapes), so the small
+    /// views invert half of the views. Argument errors are thrown (and printed by
+    /// ArgumentParser), never preconditions.
     func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool) throws -> DINOConfiguration {
-        try validated()
-        var c = DINOConfiguration()
-        if !method.isVMF { c.useDINO() }
-        if let v = vmfNormalization { c.loss.vmfNormalization = v }
-        if let v = normalizedPrototypes { c.normalizedPrototypes = v }
+        let views = augmentation ?? .small
+        var c: DINOConfiguration
+        do {
+            c = try DINOConfiguration.preset(method: resolvedMethod, backbone: backbone, imageSize: imageSize, channels: channels,
+                                             mixedPolarity: mixedPolarity && views == .small)
+        } catch {
+            throw ValidationError("\(error) (--backbone)")
+        }
+        if let vmfNormalization { c.loss.vmfNormalization = vmfNormalization }
+        if let normalizedPrototypes { c.normalizedPrototypes = normalizedPrototypes }
         switch centering {
         case .probability?: c.loss.probabilityCentering = true
         case .logit?: c.loss.probabilityCentering = false
         case .sinkhorn?: c.loss.sinkhornIterations = 3
         case nil: break
         }
-        c.loss.normalizerExact = exactNormalizer
-        let patch = imageSize % 7 == 0 ? 7 : (imageSize % 4 == 0 ? 4 : 0)
-        let backbone = resolvedBackbone
-        switch backbone {
-        case .resnet: c.backbone = .resnet(width: resnetWidth, channels: channels)
-        default:
-            guard patch > 0 else { throw ValidationError("images of \(imageSize) pixels divide into neither 7- nor 4-pixel patches; use --backbone resnet") }
-            var v = backbone == .vitMicro ? ViTConfiguration.refMicro
-                : backbone == .vitTiny ? ViTConfiguration.tiny(imageSize: imageSize, patchSize: patch, channels: channels)
-                : ViTConfiguration.small(imageSize: imageSize, patchSize: patch, channels: channels)
-            (v.imageSize, v.patchSize, v.channels) = (imageSize, patch, channels)
-            c.backbone = .vit(v)
+        if exactNormalizer { c.loss.normalizerExact = true }
+        if let resnetWidth, case .resnet(_, let ch) = c.backbone { c.backbone = .resnet(width: resnetWidth, channels: ch) }
+        if let prototypes { c.prototypes = prototypes }
+        if let bottleneck { c.bottleneck = bottleneck }
+        c.loss.dimension = c.bottleneck
+        if let headHidden { c.headHidden = headHidden }
+        if let epochs { c.epochs = epochs }
+        if let batchSize { c.batchSize = batchSize }
+        if let lr { c.baseLearningRate = lr }
+        if let minLr { c.minLearningRate = minLr }
+        c.warmupEpochs = warmupEpochs ?? Swift.min(c.warmupEpochs, Swift.max(c.epochs, 0))
+        if let weightDecay { c.weightDecay = weightDecay }
+        if let weightDecayEnd { c.weightDecayEnd = weightDecayEnd }
+        if noDecayOnNorms { c.decayPrototypeScale = false }
+        if let teacherMomentum { c.teacherMomentum = teacherMomentum }
+        if let clipGrad { c.clipGradient = clipGrad > 0 ? clipGrad : .infinity }
+        if let freezeLastLayer { c.freezeLastLayerEpochs = freezeLastLayer }
+        if let studentTemp { c.loss.studentTemperature = studentTemp }
+        if let teacherTemp { c.loss.teacherTemperature = teacherTemp }
+        if let warmupTeacherTemp { c.loss.warmupTeacherTemperature = warmupTeacherTemp }
+        if let warmupTeacherEpochs { c.loss.warmupTeacherEpochs = warmupTeacherEpochs }
+        if let centerMomentum { c.loss.centerMomentum = centerMomentum }
+        if views == .dino {
+            var a = MultiCropAugmentation.dino
+            (a.globalSize, a.localSize, a.localCrops, a.invertProbability) = (c.augmentation.globalSize, c.augmentation.localSize,
+                                                                              c.augmentation.localCrops, c.augmentation.invertProbability)
+            c.augmentation = a
         }
-        (c.prototypes, c.bottleneck, c.headHidden) = (prototypes, bottleneck, headHidden)
-        c.loss.dimension = bottleneck
-        (c.epochs, c.batchSize, c.baseLearningRate, c.minLearningRate, c.warmupEpochs) = (resolvedEpochs, batchSize, resolvedLearningRate, minLr, warmupEpochs)
-        (c.weightDecay, c.weightDecayEnd, c.decayPrototypeScale) = (weightDecay, weightDecayEnd, !noDecayOnNorms)
-        (c.teacherMomentum, c.clipGradient, c.freezeLastLayerEpochs) = (teacherMomentum, clipGrad > 0 ? clipGrad : .infinity, freezeLastLayer)
-        (c.loss.studentTemperature, c.loss.teacherTemperature) = (studentTemp, teacherTemp)
-        (c.loss.warmupTeacherTemperature, c.loss.warmupTeacherEpochs, c.loss.centerMomentum) = (warmupTeacherTemp, warmupTeacherEpochs, centerMomentum)
-        if method.isIBOT {
-            guard case .vit(var v) = c.backbone else { throw ValidationError("iBOT needs a ViT backbone (--backbone vit-*)") }
-            v.maskToken = true
-            c.backbone = .vit(v)
-            var settings = IBOTSettings()
-            settings.patchWeight = patchWeight
-            settings.patch = c.loss
-            settings.patch.teacherTemperature = patchTeacherTemp
-            settings.patch.warmupTeacherTemperature = Swift.min(warmupTeacherTemp, patchTeacherTemp)
-            settings.masking = BlockMasking(ratio: maskRatioMin...maskRatioMax, probability: maskProbability)
-            c.ibot = settings
+        if let localCrops { c.augmentation.localCrops = localCrops }
+        if let invertProbability { c.augmentation.invertProbability = invertProbability }
+        if let rotation { c.augmentation.rotationDegrees = rotation }
+        if let translation { c.augmentation.translation = translation }
+        if let noise { c.augmentation.noiseStd = noise }
+        let global = globalCropMin ?? c.augmentation.globalScale.lowerBound
+        let local = localCropMin ?? Swift.min(global, c.augmentation.localScale.lowerBound)
+        if let ibot = c.ibot {
+            var s = IBOTSettings(following: c.loss, teacherTemperature: patchTeacherTemp ?? ibot.patch.teacherTemperature)
+            s.patchWeight = patchWeight ?? ibot.patchWeight
+            s.masking = BlockMasking(ratio: (maskRatioMin ?? ibot.masking.ratio.lowerBound)...Swift.max(maskRatioMin ?? 0, maskRatioMax ?? ibot.masking.ratio.upperBound),
+                                     probability: maskProbability ?? ibot.masking.probability, minimumBlock: ibot.masking.minimumBlock)
+            c.ibot = s
         }
-        c.augmentation = augmentation == .small ? .smallImages : .dino
-        c.augmentation.globalSize = imageSize
-        c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
-        c.augmentation.localCrops = localCrops
-        c.augmentation.invertProbability = invertProbability ?? (mixedPolarity && augmentation == .small ? 0.5 : 0)
-        c.augmentation.rotationDegrees = rotation
-        (c.augmentation.translation, c.augmentation.noiseStd) = (translation, noise)
-        c.augmentation.globalScale = cropScales.global...1
-        c.augmentation.localScale = cropScales.local...cropScales.global
         c.seed = seed
+        try validate(c, global: global, local: local)
+        c.augmentation.globalScale = global...1
+        c.augmentation.localScale = local...global
         return c
+    }
+
+    /// Each check names the option that breaks it.
+    func validate(_ c: DINOConfiguration, global: Double, local: Double) throws {
+        func check(_ ok: Bool, _ message: @autoclosure () -> String) throws { if !ok { throw ValidationError(message()) } }
+        func unit(_ x: Double) -> Bool { x >= 0 && x <= 1 }
+        try check(c.epochs >= 1, "--epochs must be at least 1")
+        try check((0...c.epochs).contains(c.warmupEpochs), "--warmup-epochs must lie in 0...\(c.epochs) (--epochs)")
+        try check(c.loss.warmupTeacherEpochs >= 0, "--warmup-teacher-epochs must not be negative")
+        try check(c.batchSize >= 1, "--batch-size must be at least 1")
+        try check(c.prototypes >= 1, "--prototypes must be at least 1")
+        try check(c.bottleneck >= 2, "--bottleneck must be at least 2")
+        try check(c.headHidden >= 1, "--head-hidden must be at least 1")
+        if case .resnet(let w, _) = c.backbone { try check(w >= 1, "--resnet-width must be at least 1") }
+        try check(c.augmentation.localCrops >= 0, "--local-crops must not be negative")
+        try check(c.freezeLastLayerEpochs >= 0, "--freeze-last-layer must not be negative")
+        for (value, name) in [(c.baseLearningRate, "--lr"), (c.loss.studentTemperature, "--student-temp"),
+                              (c.loss.teacherTemperature, "--teacher-temp"), (c.loss.warmupTeacherTemperature, "--warmup-teacher-temp")] {
+            try check(value.isFinite && value > 0, "\(name) must be a positive number, not \(value)")
+        }
+        for (value, name) in [(c.minLearningRate, "--min-lr"), (c.weightDecay, "--weight-decay"), (c.weightDecayEnd, "--weight-decay-end")] {
+            try check(value.isFinite && value >= 0, "\(name) must be a number of at least 0, not \(value)")
+        }
+        try check(c.clipGradient > 0, "--clip-grad must not be negative (0 disables clipping)")
+        for (value, name) in [(c.teacherMomentum, "--teacher-momentum"), (c.loss.centerMomentum, "--center-momentum"),
+                              (c.augmentation.invertProbability, "--invert-probability"), (c.augmentation.translation, "--translation"),
+                              (c.augmentation.noiseStd, "--noise")] {
+            try check(unit(value), "\(name) must lie in [0, 1], not \(value)")
+        }
+        try check((0...180).contains(c.augmentation.rotationDegrees), "--rotation must lie in [0, 180] degrees")
+        try check(0 < global && global <= 1, "--global-crop-min must lie in (0, 1]")
+        try check(0 < local && local <= global, "--local-crop-min must lie in (0, --global-crop-min = \(global)]")
+        if let s = c.ibot {
+            try check(s.patchWeight.isFinite && s.patchWeight >= 0, "--patch-weight must be a number of at least 0")
+            try check(s.patch.teacherTemperature.isFinite && s.patch.teacherTemperature > 0, "--patch-teacher-temp must be positive")
+            try check(unit(s.masking.probability), "--mask-probability must lie in [0, 1]")
+            try check(0 <= s.masking.ratio.lowerBound && s.masking.ratio.upperBound < 1 && (maskRatioMax ?? 1) >= (maskRatioMin ?? 0),
+                      "mask ratios must satisfy 0 ≤ --mask-ratio-min ≤ --mask-ratio-max < 1")
+        }
     }
 }
 
@@ -236,7 +262,7 @@ public struct Common: ParsableArguments {
 /// The program: `DINOvMF` or `iBOTvMF`, which differ only in name and default method.
 public struct KappaCommand: ParsableCommand {
     nonisolated(unsafe) public static var name = "DINOvMF"
-    nonisolated(unsafe) public static var defaultMethod = ModelOptions.Method.dinoVMF
+    nonisolated(unsafe) public static var defaultMethod = SSLMethod.dinoVMF
 
     public static var configuration: CommandConfiguration {
         CommandConfiguration(
@@ -246,6 +272,24 @@ public struct KappaCommand: ParsableCommand {
     }
 
     public init() {}
+}
+
+/// Set by SIGINT (Ctrl-C) while a command trains: the session saves a checkpoint and stops.
+let interruptRequested = Atomic<Bool>(false)
+
+/// Runs `session` with Ctrl-C turned into a clean stop (checkpoint saved), then restores the
+/// default handler.
+func runStoppable(_ session: TrainingSession, resume: Bool = false) throws -> TrainingSession.Outcome {
+    interruptRequested.store(false, ordering: .relaxed)
+    signal(SIGINT) { _ in interruptRequested.store(true, ordering: .relaxed) }
+    defer { signal(SIGINT, SIG_DFL) }
+    session.shouldStop = { interruptRequested.load(ordering: .relaxed) }
+    return try session.run(resume: resume)
+}
+
+/// The trainer for `config` on `train`, with argument-style errors.
+func makeTrainer(_ config: DINOConfiguration, _ train: ImageDataset) throws -> TeacherStudentTrainer {
+    do { return try TeacherStudentTrainer(configuration: config, train: train) } catch let e as TrainerError { throw ValidationError(e.problem) }
 }
 
 struct Train: ParsableCommand {
@@ -263,17 +307,17 @@ struct Train: ParsableCommand {
         let (train, test) = try data.load(seed: common.seed)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
                                              mixedPolarity: data.isBuiltin)
-        guard config.batchSize <= train.count else { throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images") }
-        print("\(model.method.rawValue) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
-        let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
+        let method = model.resolvedMethod.rawValue
+        print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
+        let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: try Evaluator(reference: train, test: test),
                                       output: common.output)
         session.evaluateEvery = common.evalEvery
         session.linearProbe = !noLinearProbe
-        session.name = model.method.rawValue
-        let outcome = try session.run(resume: resume)
+        session.name = method
+        let outcome = try runStoppable(session, resume: resume)
         if outcome.interrupted { print("stopped; continue with --resume --output \(common.output)"); return }
         if let r = outcome.report {
-            print("\n" + TrainingSession.describe(r, name: model.method.rawValue, seconds: outcome.seconds))
+            print("\n" + TrainingSession.describe(r, name: method, seconds: outcome.seconds))
             print("outputs in \(common.output)/: metrics.jsonl, loss.svg, knn.svg, norms.svg, utilization.svg, checkpoint.safetensors")
         }
         if outcome.diverged { throw ExitCode(2) }
@@ -290,12 +334,12 @@ struct Eval: ParsableCommand {
     func run() throws {
         try common.apply()
         let url = URL(fileURLWithPath: checkpoint)
-        let config = try DINOTrainer.configuration(in: url)
+        let config = try RunCheckpoint.configuration(in: url)
         let (train, test) = try data.load(seed: config.seed)
-        let trainer = DINOTrainer(configuration: config, train: train)
-        try trainer.resume(from: url)
+        let trainer = try makeTrainer(config, train)
+        try RunCheckpoint.restore(trainer, from: url)
         let start = Date()
-        let report = trainer.evaluate(reference: train, test: test)
+        let report = try Evaluator(reference: train, test: test).evaluate(trainer)
         print(TrainingSession.describe(report, name: checkpoint, seconds: Date().timeIntervalSince(start)))
     }
 }
@@ -311,7 +355,7 @@ struct Ablation: ParsableCommand {
     func run() throws {
         try common.apply()
         let (train, test) = try data.load(seed: common.seed)
-        guard model.batchSize <= train.count else { throw ValidationError("--batch-size \(model.batchSize) exceeds the \(train.count) training images") }
+        let evaluator = try Evaluator(reference: train, test: test)
         var rows: [String] = []
         for normalized in [true, false] {
             for vmf in [false, true] {
@@ -319,16 +363,17 @@ struct Ablation: ParsableCommand {
                     var m = model
                     (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
                     m.epochs = budgetEpochs
-                    m.warmupEpochs = Swift.min(m.warmupEpochs, budgetEpochs)
+                    m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
                     let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
                                                      mixedPolarity: data.isBuiltin)
                     let name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
                     print("== \(name)")
-                    let session = TrainingSession(trainer: DINOTrainer(configuration: config, train: train), reference: train, test: test,
+                    let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: evaluator,
                                                   output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
                     session.evaluateEvery = Swift.max(1, budgetEpochs)
                     session.linearProbe = false
-                    let outcome = try session.run()
+                    let outcome = try runStoppable(session)
+                    if outcome.interrupted { return }
                     let r = outcome.report
                     let collapsed = r.map { $0.utilization <= 1 } ?? true
                     let stable = !outcome.diverged && !collapsed ? "stable" : (outcome.diverged ? "NaN" : "collapsed")
@@ -342,3 +387,6 @@ struct Ablation: ParsableCommand {
         for r in rows { print(r) }
     }
 }
+
+extension SSLMethod: ExpressibleByArgument {}
+extension BackbonePreset: ExpressibleByArgument {}

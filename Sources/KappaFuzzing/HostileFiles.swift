@@ -191,9 +191,9 @@ public enum HostileFiles {
         (c.prototypes, c.headHidden, c.bottleneck, c.batchSize, c.epochs, c.warmupEpochs) = (8, 8, 4, 4, 2, 1)
         (c.augmentation.globalSize, c.augmentation.localSize, c.augmentation.localCrops) = (8, 4, 2)
         let tiny = ShapesDataset.make(count: 8, size: 8, channels: 1, seed: 1)
-        let trainer = DINOTrainer(configuration: c, train: tiny)
+        let trainer = try TeacherStudentTrainer(configuration: c, train: tiny)
         let checkpointURL = directory.appendingPathComponent("seed-checkpoint.safetensors")
-        try trainer.save(to: checkpointURL)
+        try RunCheckpoint.save(trainer, to: checkpointURL)
         let checkpointSeed = [UInt8](try Data(contentsOf: checkpointURL))
 
         return [
@@ -216,8 +216,8 @@ public enum HostileFiles {
             },
             Reader(name: "training state", fileName: "checkpoint.safetensors", seeds: [checkpointSeed]) {
                 let url = URL(fileURLWithPath: $0)
-                _ = try DINOTrainer.configuration(in: url)
-                try trainer.resume(from: url)
+                _ = try RunCheckpoint.configuration(in: url)
+                try RunCheckpoint.restore(trainer, from: url)
             },
         ]
     }

@@ -66,4 +66,11 @@ public final class DINOHead: Module {
 
     /// ‖w_k‖ = |g_k| of every prototype: [K].
     public var prototypeNorms: Tensor { lastLayerScale.reshape([lastLayerScale.shape[0]]).abs() }
+
+    /// DINO's `cancel_gradients_last_layer`: drops the gradients of the prototypes (v and g),
+    /// so that the last layer stays put while the rest of the network settles.
+    public func cancelLastLayerGradients() {
+        lastLayerDirection.grad = nil
+        lastLayerScale.grad = nil
+    }
 }

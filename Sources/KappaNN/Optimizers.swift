@@ -27,8 +27,9 @@ public struct ParameterGroup {
     }
 
     /// DINO's `get_params_groups`: `"regularized"` (weight decay) and `"notRegularized"`
-    /// (biases and other 1-D parameters, no decay). The prototype scale g has shape [K, 1],
-    /// so DINO decays it; `decayPrototypeScale: false` moves it to the undecayed group.
+    /// (biases and other 1-D parameters, no decay; DINO tells them by a name ending in `bias`
+    /// or one dimension). The prototype scale g of a ``DINOHead`` has shape [K, 1], so DINO
+    /// decays it; `decayPrototypeScale: false` moves it to the undecayed group.
     /// `prefix` is put before every name (`"head."`): names must be unique across all the
     /// groups of one optimizer, which keeps its per-parameter state by name.
     public static func dinoGroups(_ model: Module, learningRate: Double, weightDecay: Double,
@@ -36,7 +37,7 @@ public struct ParameterGroup {
         var decayed: [(name: String, tensor: Tensor)] = [], plain: [(name: String, tensor: Tensor)] = []
         for var p in model.namedParameters() where p.tensor.requiresGrad {
             p.name = prefix + p.name
-            let isScale = p.name.hasSuffix("lastLayerScale")
+            let isScale = (model as? DINOHead).map { $0.lastLayerScale === p.tensor } ?? false
             if p.name.hasSuffix("bias") || p.tensor.rank == 1 || (isScale && !decayPrototypeScale) {
                 plain.append(p)
             } else {

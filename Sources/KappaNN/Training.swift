@@ -59,13 +59,6 @@ public enum Gradients {
             return total
         }
     }
-
-    /// DINO's `cancel_gradients_last_layer`: drops the gradients of the head's last layer
-    /// (parameters whose name contains `lastLayer`) while `epoch < freezeEpochs`.
-    public static func cancelLastLayer(_ model: Module, epoch: Int, freezeEpochs: Int) {
-        guard epoch < freezeEpochs else { return }
-        for (name, p) in model.namedParameters() where name.contains("lastLayer") { p.grad = nil }
-    }
 }
 
 /// The exponential moving average of a student's parameters into a teacher's, in place and

@@ -117,3 +117,87 @@ public enum Evaluation {
         return (0..<4).map { (total[$0] > 0 ? Double(right[$0]) / Double(total[$0]) : .nan, total[$0]) }
     }
 }
+
+/// The evaluation of a run: the trained teacher against the two baselines of the same split.
+public struct EvaluationReport: Codable, Sendable {
+    /// Epochs trained when it was made.
+    public var epoch: Int
+    /// Weighted kNN accuracy (k = 20, T = 0.07) of the teacher's backbone features.
+    public var knn: Double
+    /// Linear-probe accuracy, when it was run.
+    public var linearProbe: Double?
+    /// kNN on raw pixels and on the randomly initialized backbone (the student's initialization).
+    public var knnRawPixels: Double
+    public var knnRandomInit: Double
+    /// Prototypes that are the arg-max for at least one evaluation image, of K.
+    public var utilization: Int, prototypes: Int
+    public var prototypeNorms: Evaluation.Summary
+    /// kNN accuracy of test samples by the norm quartile of their arg-max prototype.
+    public var knnByNormQuartile: [Double]
+    public var quartileCounts: [Int]
+}
+
+/// Evaluates a teacher on frozen features, from `reference` (the labeled training split) to
+/// `test`: kNN (k = 20, T = 0.07) and a linear probe, the two baselines (raw pixels, the
+/// randomly initialized network; computed once per evaluator, since they do not change during
+/// a run), prototype utilization and norms on `test`.
+public final class Evaluator {
+    public let reference: ImageDataset, test: ImageDataset
+    let trainLabels: [Int], testLabels: [Int]
+    let classes: Int
+    private var baselineCache: (raw: Double, random: Double)?
+
+    /// Throws ``TrainerError`` when a split has no labels or no images.
+    public init(reference: ImageDataset, test: ImageDataset) throws {
+        guard let trainLabels = reference.labels, let testLabels = test.labels else {
+            throw TrainerError("evaluation needs labels on both splits (\(reference.source), \(test.source))")
+        }
+        guard reference.count >= 1, test.count >= 1 else {
+            throw TrainerError("evaluation needs images in both splits: \(reference.count) reference, \(test.count) test")
+        }
+        (self.reference, self.test, self.trainLabels, self.testLabels) = (reference, test, trainLabels, testLabels)
+        classes = Swift.max(reference.classCount, test.classCount)
+    }
+
+    /// Evaluates the trainer's teacher (backbone features for kNN and the probe, the head for
+    /// utilization and norms).
+    public func evaluate(_ trainer: TeacherStudentTrainer, linearProbe: Bool = true) -> EvaluationReport {
+        let c = trainer.configuration
+        let (teacher, teacherHead) = (trainer.teacher, trainer.teacherHead)
+        let norm = (c.augmentation.mean, c.augmentation.std)
+        teacher.eval(); teacherHead.eval()
+        defer { teacher.train(); teacherHead.train() }
+        let fTrain = Evaluation.features(of: reference, normalize: norm) { teacher.features($0) }
+        let fTest = Evaluation.features(of: test, normalize: norm) { teacher.features($0) }
+        let predictions = Evaluation.knnPredict(train: fTrain, trainLabels: trainLabels, test: fTest, classes: classes)
+        let knn = Evaluation.accuracy(predictions, testLabels)
+        let probe = linearProbe ? Evaluation.linearProbe(train: fTrain, trainLabels: trainLabels, test: fTest,
+                                                         testLabels: testLabels, classes: classes) : nil
+        let (raw, randomKNN) = baselines(c)
+        let logits = withoutGradients { teacherHead(fTest).logits }
+        let argmax = logits.argmax(alongAxis: 1).scalars(as: Double.self).map { Int($0) }
+        let norms = teacherHead.prototypeNorms.scalars(as: Double.self)
+        let byNorm = Evaluation.accuracyByPrototypeNorm(predictions: predictions, labels: testLabels, argmax: argmax, norms: norms)
+        return EvaluationReport(epoch: trainer.epoch, knn: knn, linearProbe: probe, knnRawPixels: raw, knnRandomInit: randomKNN,
+                                utilization: Set(argmax).count, prototypes: c.prototypes,
+                                prototypeNorms: Evaluation.Summary(norms), knnByNormQuartile: byNorm.map(\.accuracy),
+                                quartileCounts: byNorm.map(\.count))
+    }
+
+    /// kNN on raw pixels and on the randomly initialized backbone of `c` (the student's initialization).
+    func baselines(_ c: DINOConfiguration) -> (raw: Double, random: Double) {
+        if let b = baselineCache { return b }
+        let norm = (c.augmentation.mean, c.augmentation.std)
+        let raw = Evaluation.accuracy(Evaluation.knnPredict(train: Evaluation.pixels(of: reference), trainLabels: trainLabels,
+                                                            test: Evaluation.pixels(of: test), classes: classes), testLabels)
+        var g = RandomGenerator(seed: c.seed)
+        let initial = c.backbone.make(using: &g)
+        initial.eval()
+        let rTrain = Evaluation.features(of: reference, normalize: norm) { initial.features($0) }
+        let rTest = Evaluation.features(of: test, normalize: norm) { initial.features($0) }
+        let random = Evaluation.accuracy(Evaluation.knnPredict(train: rTrain, trainLabels: trainLabels, test: rTest, classes: classes),
+                                         testLabels)
+        baselineCache = (raw, random)
+        return (raw, random)
+    }
+}

@@ -2,11 +2,12 @@ import Foundation
 import Kappa
 import KappaNN
 
-/// The iBOT objective (Zhou et al., 2022) grown from DINO by composition:
+/// The iBOT loss (Zhou et al., 2022) grown from DINO by composition:
 /// λ₁ · (DINO loss on the [CLS] outputs over cross-view pairs) + λ₂ · (for each global view,
 /// the mean over its masked patches of H(teacher patch targets of the same view, student
-/// patch probabilities)), the patch term with its own centering and teacher temperature.
-/// iBOT-vMF sets the vMF normalization and probability centering on both configurations.
+/// patch probabilities)), the patch term with its own centering and teacher temperature. The
+/// patch term is built from ``DINOLoss``'s public steps. iBOT-vMF sets the vMF normalization
+/// and probability centering on both configurations.
 public final class IBOTLoss {
     public let clsLoss: DINOLoss
     public let patchLoss: DINOLoss
@@ -15,11 +16,22 @@ public final class IBOTLoss {
     /// The loss and its named terms.
     public struct Result {
         public let loss: Tensor
-        public let clsTerm: Double
-        public let patchTerm: Double
+        /// The [CLS] term (before λ₁) and the patch term (before λ₂).
+        public let clsTerm: Double, patchTerm: Double
         /// The [CLS] term's monitors (teacher entropy, KL, τ_t).
         public let cls: DINOLoss.Result
-        public let patchTeacherEntropy: Double
+        /// The patch targets' mean entropy and τ_t.
+        public let patchTeacherEntropy: Double, patchTeacherTemperature: Double
+
+        /// The terms as log entries: `clsLoss`, `patchLoss`.
+        public var terms: [LoggedScalar] {
+            [LoggedScalar("clsLoss", label: "cls", clsTerm), LoggedScalar("patchLoss", label: "patch", patchTerm)]
+        }
+
+        /// The [CLS] monitors and the patch targets' entropy.
+        public var monitors: [LoggedScalar] {
+            cls.monitors + [LoggedScalar("patchTeacherEntropy", label: "H(t) patch", patchTeacherEntropy, format: "%.2f")]
+        }
     }
 
     public init(prototypes: Int, patchPrototypes: Int, cls: DINOLossConfiguration, patch: DINOLossConfiguration,
@@ -31,43 +43,96 @@ public final class IBOTLoss {
 
     /// `studentCLS[v]` [B, K] for every view (globals first); `studentPatches[i]` [B, N, K′]
     /// and `masks[i]` [B, N] (1 = masked) for the global views as the student saw them
-    /// (masked); the teacher's outputs for the same global views, unmasked.
+    /// (masked); the teacher's outputs for the same global views, unmasked. Updates both centers.
     public func callAsFunction(studentCLS: [Tensor], studentNorms: Tensor, studentPatches: [Tensor], studentPatchNorms: Tensor,
                                masks: [Tensor], teacherCLS: [Tensor], teacherNorms: Tensor, teacherPatches: [Tensor],
                                teacherPatchNorms: Tensor, epoch: Int) -> Result {
-        precondition(studentPatches.count == teacherPatches.count && masks.count == teacherPatches.count,
+        precondition(!teacherPatches.isEmpty && studentPatches.count == teacherPatches.count && masks.count == teacherPatches.count,
                      "IBOTLoss: \(studentPatches.count) student patch views, \(teacherPatches.count) teacher, \(masks.count) masks")
         let cls = clsLoss(studentDots: studentCLS, studentNorms: studentNorms, teacherDots: teacherCLS,
                           teacherNorms: teacherNorms, epoch: epoch)
-        let c = patchLoss.configuration
-        let tt = patchLoss.teacherTemperature(epoch: epoch)
-        let approximation: VMFNormalizerApproximation = c.normalizerExact ? .exact : .largeOrder
-        var total: Tensor?
+        var terms: [Tensor] = []
         var entropy = 0.0
         var raws: [Tensor] = []
+        var temperature = 0.0
         for i in 0..<teacherPatches.count {
             let (b, n, k) = (teacherPatches[i].shape[0], teacherPatches[i].shape[1], teacherPatches[i].shape[2])
-            precondition(masks[i].shape == [b, n], "IBOTLoss: mask \(masks[i].shape) does not match patches \(teacherPatches[i].shape)")
-            let (raw, target) = withoutGradients { () -> (Tensor, Tensor) in
-                let raw = patchLoss.teacherRawLogits(teacherPatches[i].detached(), teacherPatchNorms.detached(), tt).reshape([b * n, k])
-                return (raw, patchLoss.centering.targets(teacherLogits: raw, temperature: tt).reshape([b, n, k]))
-            }
-            raws.append(raw)
-            entropy += withoutGradients { -(target * target.clamped(min: 1e-30).log()).sum(alongAxis: -1).mean().item() }
-            let logP = vmfLogits(dotProducts: studentPatches[i], prototypeNorms: studentPatchNorms, temperature: c.studentTemperature,
-                                 dimension: c.dimension, vmf: c.vmfNormalization, approximation: approximation).logSoftmax(alongAxis: -1)
+            precondition(masks[i].shape == [b, n] && studentPatches[i].shape == teacherPatches[i].shape,
+                         "IBOTLoss: mask \(masks[i].shape) and student patches \(studentPatches[i].shape) do not match teacher patches \(teacherPatches[i].shape)")
+            // Each view's patches are centered on their own (Sinkhorn-Knopp balances within a view).
+            let teacher = patchLoss.teacherTargets(teacherDots: [teacherPatches[i].reshape([b * n, k])],
+                                                   teacherNorms: teacherPatchNorms, epoch: epoch)
+            let target = teacher.targets[0].reshape([b, n, k])
+            raws.append(teacher.raw)
+            temperature = teacher.temperature
+            entropy += DINOLoss.entropy(target)
+            let logP = patchLoss.studentLogProbabilities(studentPatches[i], norms: studentPatchNorms)
             let perPatch = -(target * logP).sum(alongAxis: -1)                                // [B, N]
             let m = masks[i].to(perPatch.dtype)
             let perImage = (perPatch * m).sum(alongAxis: 1) / m.sum(alongAxis: 1).clamped(min: 1)
-            let term = perImage.mean()
-            total = total.map { $0 + term } ?? term
+            terms.append(perImage.mean())
         }
-        patchLoss.centering.update(teacherLogits: Tensor.concat(raws, alongAxis: 0), temperature: tt)
-        let patchTerm = total! / Double(teacherPatches.count)
+        patchLoss.updateCenter(with: DINOLoss.TeacherTargets(targets: [], raw: Tensor.concat(raws, alongAxis: 0), temperature: temperature))
+        let patchTerm = terms.dropFirst().reduce(terms[0], +) / Double(terms.count)
         let loss = cls.loss * clsWeight + patchTerm * patchWeight
         return Result(loss: loss, clsTerm: cls.loss.item(), patchTerm: patchTerm.item(), cls: cls,
-                      patchTeacherEntropy: entropy / Double(teacherPatches.count))
+                      patchTeacherEntropy: entropy / Double(teacherPatches.count), patchTeacherTemperature: temperature)
     }
+
+    /// Both centers, named `center` and `patchCenter` in checkpoints.
+    public var state: [(name: String, tensor: Tensor)] { clsLoss.state() + patchLoss.state(named: "patchCenter") }
+
+    /// Restores the centers saved by ``state``.
+    public func loadState(_ tensors: [String: Tensor]) throws {
+        try clsLoss.loadState(tensors)
+        try patchLoss.loadState(tensors, named: "patchCenter")
+    }
+}
+
+/// iBOT and iBOT-vMF as a ``SelfSupervisedObjective``: masks for the global views (from the
+/// run's seed and the step, so a resumed run draws the same), the masked student and the
+/// unmasked teacher on the global views, the student alone on the local views, the shared head
+/// on [CLS] and patch tokens. The [CLS] and patch terms are logged separately.
+public final class IBOTObjective: SelfSupervisedObjective {
+    public let loss: IBOTLoss
+    public let masking: BlockMasking
+
+    public init(prototypes: Int, cls: DINOLossConfiguration, settings: IBOTSettings, dtype: DType = .float32) {
+        loss = IBOTLoss(prototypes: prototypes, patchPrototypes: prototypes, cls: cls, patch: settings.patch,
+                        clsWeight: 1, patchWeight: settings.patchWeight, dtype: dtype)
+        masking = settings.masking
+    }
+
+    public func check(_ networks: TeacherStudentNetworks) throws {
+        guard let s = networks.student as? VisionTransformer, s.configuration.maskToken, networks.teacher is VisionTransformer else {
+            throw ObjectiveStateError("iBOT needs a ViT backbone with a mask token (ViTConfiguration.maskToken)")
+        }
+    }
+
+    public func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
+        guard let studentViT = networks.student as? VisionTransformer, let teacherViT = networks.teacher as? VisionTransformer else {
+            preconditionFailure("IBOTObjective: iBOT needs ViT backbones")
+        }
+        let views = batch.globalViews
+        let b = views[0].shape[0]
+        precondition(views.allSatisfy { $0.shape == views[0].shape }, "IBOTObjective: global views of shapes \(views.map(\.shape))")
+        let globals = Tensor.concat(views, alongAxis: 0)
+        let grid = views[0].shape[2] / studentViT.configuration.patchSize
+        var g = RandomGenerator(seed: context.seed ^ (UInt64(context.step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07)
+        let masks = masking.masks(count: views.count * b, height: grid, width: grid, using: &g)
+        let t = withoutGradients { ibotHeads(networks.teacherHead, teacherViT(globals), views: views.count) }
+        let s = ibotHeads(networks.studentHead, studentViT(globals, mask: masks), views: views.count)
+        let locals = batch.localViews.isEmpty ? [] : networks.studentLogits(batch.localViews)
+        let r = loss(studentCLS: s.cls + locals, studentNorms: networks.studentHead.prototypeNorms, studentPatches: s.patches,
+                     studentPatchNorms: networks.studentHead.prototypeNorms,
+                     masks: masks.split(sizes: Array(repeating: b, count: views.count), alongAxis: 0), teacherCLS: t.cls,
+                     teacherNorms: networks.teacherHead.prototypeNorms, teacherPatches: t.patches,
+                     teacherPatchNorms: networks.teacherHead.prototypeNorms, epoch: context.epoch)
+        return ObjectiveOutput(loss: r.loss, terms: r.terms, monitors: r.monitors)
+    }
+
+    public var state: [(name: String, tensor: Tensor)] { loss.state }
+    public func loadState(_ tensors: [String: Tensor]) throws { try loss.loadState(tensors) }
 }
 
 /// iBOT's blockwise masking of a patch grid: with probability `probability` an image gets
@@ -115,12 +180,12 @@ public struct BlockMasking: Sendable, Codable, Equatable {
     }
 }
 
-/// The shared head on a ViT's outputs for the two global views of `b` images each: the
-/// [CLS] logits per view and the patch logits [B, N, K] per view (iBOT's forward, used by the
-/// trainer and the benchmark step).
-func ibotHeads(_ head: DINOHead, _ out: (cls: Tensor, patches: Tensor), batch b: Int) -> (cls: [Tensor], patches: [Tensor]) {
-    let (n, d) = (out.patches.shape[1], out.patches.shape[2])
-    let cls = head(out.cls).logits.split(sizes: [b, b], alongAxis: 0)
-    let patches = head(out.patches.reshape([2 * b * n, d])).logits.reshape([2 * b, n, -1]).split(sizes: [b, b], alongAxis: 0)
+/// The shared head on a ViT's outputs for `views` global views of equal batch: the [CLS]
+/// logits per view and the patch logits [B, N, K] per view (iBOT's forward).
+func ibotHeads(_ head: DINOHead, _ out: (cls: Tensor, patches: Tensor), views: Int) -> (cls: [Tensor], patches: [Tensor]) {
+    let (total, n, d) = (out.patches.shape[0], out.patches.shape[1], out.patches.shape[2])
+    let sizes = Array(repeating: total / views, count: views)
+    let cls = head(out.cls).logits.split(sizes: sizes, alongAxis: 0)
+    let patches = head(out.patches.reshape([total * n, d])).logits.reshape([total, n, -1]).split(sizes: sizes, alongAxis: 0)
     return (cls, patches)
 }

@@ -52,7 +52,12 @@ public struct DINOLossConfiguration: Codable, Equatable, Sendable {
 /// The DINO multi-crop cross-entropy, with the vMF normalization and the centering of
 /// METHOD.md as switches: for each teacher view q (the global crops) and each student view
 /// v ≠ q, the batch mean of H(P_t(x_q), P_s(x_v)) = −Σ_k P_t log P_s, averaged over pairs.
-/// Teacher targets carry no gradient. Read it as the template for a new loss.
+/// Teacher targets carry no gradient.
+///
+/// Its steps are public, so that a loss grown from DINO's (iBOT's patch term, a regularizer)
+/// reuses them: ``teacherTargets(teacherDots:teacherNorms:epoch:)`` (the centered, sharpened
+/// targets), ``studentLogProbabilities(_:norms:)``, ``updateCenter(with:)`` and
+/// ``entropy(_:)``.
 public final class DINOLoss {
     public let configuration: DINOLossConfiguration
     public let centering: Centering
@@ -72,6 +77,34 @@ public final class DINOLoss {
         public init(loss: Tensor, teacherEntropy: Double, klDivergence: Double, teacherTemperature: Double) {
             (self.loss, self.teacherEntropy, self.klDivergence, self.teacherTemperature) = (loss, teacherEntropy, klDivergence, teacherTemperature)
         }
+
+        /// τ_t, the teacher entropy and the KL divergence as log entries; `prefix` names
+        /// another term's (iBOT's patch term: `"patch"`).
+        public func monitors(prefix: String = "") -> [LoggedScalar] {
+            func key(_ k: String) -> String { prefix.isEmpty ? k : prefix + k.prefix(1).uppercased() + k.dropFirst() }
+            let p = prefix.isEmpty ? "" : prefix + " "
+            return [LoggedScalar(key("teacherTemperature"), label: p + "τt", teacherTemperature, format: "%.3f"),
+                    LoggedScalar(key("teacherEntropy"), label: p + "H(t)", teacherEntropy, format: "%.2f"),
+                    LoggedScalar(key("klDivergence"), label: p + "KL", klDivergence, format: "%.3f")]
+        }
+
+        /// The monitors of the [CLS] loss, as the progress line and `metrics.jsonl` show them.
+        public var monitors: [LoggedScalar] { monitors() }
+    }
+
+    /// The teacher's side of a step: the targets of each teacher view and the raw logits the
+    /// center moves towards.
+    public struct TeacherTargets {
+        /// P_t per teacher view, [B, K] each (rows sum to 1, no gradient).
+        public let targets: [Tensor]
+        /// The raw logits r of all teacher views, concatenated [ΣB, K].
+        public let raw: Tensor
+        /// τ_t used.
+        public let temperature: Double
+
+        public init(targets: [Tensor], raw: Tensor, temperature: Double) {
+            (self.targets, self.raw, self.temperature) = (targets, raw, temperature)
+        }
     }
 
     public init(prototypes: Int, configuration: DINOLossConfiguration = .init(), dtype: DType = .float32) {
@@ -89,11 +122,41 @@ public final class DINOLoss {
             + (c.teacherTemperature - c.warmupTeacherTemperature) * Double(epoch) / Double(c.warmupTeacherEpochs - 1)
     }
 
-    /// The raw teacher logits r = ⟨w, y⟩ (+ τ_t log C_p(‖w‖/τ_t) with vMF) that centering acts on.
-    func teacherRawLogits(_ dots: Tensor, _ norms: Tensor, _ tt: Double) -> Tensor {
+    var approximation: VMFNormalizerApproximation { configuration.normalizerExact ? .exact : .largeOrder }
+
+    /// The teacher targets for the teacher's dot products ⟨w_k, y⟩ of each view ([B, K] each)
+    /// and its prototype norms [K] at `epoch`: the raw logits r = ⟨w, y⟩ (+ τ_t log C_p(‖w‖/τ_t)
+    /// with vMF) centered and sharpened by ``centering`` over all views together. Does not move
+    /// the center: call ``updateCenter(with:)`` once the step's targets are made.
+    public func teacherTargets(teacherDots: [Tensor], teacherNorms: Tensor, epoch: Int) -> TeacherTargets {
         let c = configuration
-        return vmfLogits(dotProducts: dots, prototypeNorms: norms, temperature: tt, dimension: c.dimension,
-                         vmf: c.vmfNormalization, approximation: c.normalizerExact ? .exact : .largeOrder) * tt
+        let tt = teacherTemperature(epoch: epoch)
+        return withoutGradients {
+            let raw = Tensor.concat(teacherDots.map { dots in
+                vmfLogits(dotProducts: dots.detached(), prototypeNorms: teacherNorms.detached(), temperature: tt, dimension: c.dimension,
+                          vmf: c.vmfNormalization, approximation: approximation) * tt
+            }, alongAxis: 0)
+            let all = centering.targets(teacherLogits: raw, temperature: tt)
+            return TeacherTargets(targets: all.split(sizes: teacherDots.map { $0.shape[0] }, alongAxis: 0), raw: raw, temperature: tt)
+        }
+    }
+
+    /// log P_s = log-softmax of the student's vMF (or plain) logits at τ_s, for dot products
+    /// [..., K] and prototype norms [K]; differentiable in both.
+    public func studentLogProbabilities(_ dots: Tensor, norms: Tensor) -> Tensor {
+        let c = configuration
+        return vmfLogits(dotProducts: dots, prototypeNorms: norms, temperature: c.studentTemperature, dimension: c.dimension,
+                         vmf: c.vmfNormalization, approximation: approximation).logSoftmax(alongAxis: -1)
+    }
+
+    /// Moves the center towards the batch statistic of these targets' raw logits.
+    public func updateCenter(with t: TeacherTargets) {
+        centering.update(teacherLogits: t.raw, temperature: t.temperature)
+    }
+
+    /// The mean entropy −Σ_k p log p of the rows of `targets` [..., K] (no gradient).
+    public static func entropy(_ targets: Tensor) -> Double {
+        withoutGradients { -(targets * targets.clamped(min: 1e-30).log()).sum(alongAxis: -1).mean().item() }
     }
 
     /// The loss for student outputs of every view (`studentDots[v]` is [B, K]; the first
@@ -101,23 +164,14 @@ public final class DINOLoss {
     /// views, with the prototype norms of each network ([K]). Updates the center.
     public func callAsFunction(studentDots: [Tensor], studentNorms: Tensor, teacherDots: [Tensor], teacherNorms: Tensor,
                                epoch: Int) -> Result {
-        precondition(!teacherDots.isEmpty && studentDots.count >= teacherDots.count,
-                     "DINOLoss: \(studentDots.count) student views for \(teacherDots.count) teacher views")
-        let c = configuration
-        let tt = teacherTemperature(epoch: epoch)
-        let (raw, targets) = withoutGradients { () -> (Tensor, [Tensor]) in
-            let raw = Tensor.concat(teacherDots.map { teacherRawLogits($0.detached(), teacherNorms.detached(), tt) }, alongAxis: 0)
-            let all = centering.targets(teacherLogits: raw, temperature: tt)
-            return (raw, all.split(sizes: teacherDots.map { $0.shape[0] }, alongAxis: 0))
-        }
-        let logProbabilities = studentDots.map { dots in
-            vmfLogits(dotProducts: dots, prototypeNorms: studentNorms, temperature: c.studentTemperature, dimension: c.dimension,
-                      vmf: c.vmfNormalization, approximation: c.normalizerExact ? .exact : .largeOrder).logSoftmax(alongAxis: -1)
-        }
+        precondition(!teacherDots.isEmpty && studentDots.count >= teacherDots.count && studentDots.count >= 2,
+                     "DINOLoss: \(studentDots.count) student views for \(teacherDots.count) teacher views (at least two views, as many student views as teacher views)")
+        let teacher = teacherTargets(teacherDots: teacherDots, teacherNorms: teacherNorms, epoch: epoch)
+        let logProbabilities = studentDots.map { studentLogProbabilities($0, norms: studentNorms) }
         var total: Tensor?
         var pairs = 0
         var kl = 0.0
-        for (q, target) in targets.enumerated() {
+        for (q, target) in teacher.targets.enumerated() {
             for (v, logP) in logProbabilities.enumerated() where v != q {
                 let ce = -(target * logP).sum(alongAxis: -1).mean()
                 total = total.map { $0 + ce } ?? ce
@@ -125,12 +179,11 @@ public final class DINOLoss {
                 kl += ce.item()
             }
         }
-        let entropy = withoutGradients { targets.map { t in -(t * t.clamped(min: 1e-30).log()).sum(alongAxis: -1).mean().item() } }
-        let meanEntropy = entropy.reduce(0, +) / Double(entropy.count)
-        centering.update(teacherLogits: raw, temperature: tt)
-        guard let total else { preconditionFailure("DINOLoss: no cross-view pairs (one view only)") }
+        let meanEntropy = teacher.targets.map(Self.entropy).reduce(0, +) / Double(teacher.targets.count)
+        updateCenter(with: teacher)
+        guard let total else { preconditionFailure("DINOLoss: no cross-view pairs") }
         return Result(loss: total / Double(pairs), teacherEntropy: meanEntropy,
-                      klDivergence: kl / Double(pairs) - meanEntropy, teacherTemperature: tt)
+                      klDivergence: kl / Double(pairs) - meanEntropy, teacherTemperature: teacher.temperature)
     }
 
     /// The loss from head outputs (logits and prototype norms of each view).
@@ -138,4 +191,36 @@ public final class DINOLoss {
         self(studentDots: student.map(\.logits), studentNorms: student[0].prototypeNorms,
              teacherDots: teacher.map(\.logits), teacherNorms: teacher[0].prototypeNorms, epoch: epoch)
     }
+
+    /// The center, for checkpoints (``SelfSupervisedObjective/state``), named `name`.
+    public func state(named name: String = "center") -> [(name: String, tensor: Tensor)] { [(name, centering.center)] }
+
+    /// Restores the center saved by ``state(named:)``.
+    public func loadState(_ tensors: [String: Tensor], named name: String = "center") throws {
+        guard let center = tensors[name], center.shape == centering.center.shape, center.dtype == centering.center.dtype else {
+            throw ObjectiveStateError("no \(name) of shape \(centering.center.shape) (\(centering.center.dtype))")
+        }
+        centering.center = center
+    }
+}
+
+/// DINO and DINO-vMF as a ``SelfSupervisedObjective``: the teacher sees the global views,
+/// the student every view, and ``DINOLoss`` compares them across views.
+public final class DINOObjective: SelfSupervisedObjective {
+    public let loss: DINOLoss
+
+    public init(prototypes: Int, configuration: DINOLossConfiguration, dtype: DType = .float32) {
+        loss = DINOLoss(prototypes: prototypes, configuration: configuration, dtype: dtype)
+    }
+
+    public func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
+        let teacher = networks.teacherLogits(batch.globalViews)
+        let student = networks.studentLogits(batch.views)
+        let r = loss(studentDots: student, studentNorms: networks.studentHead.prototypeNorms, teacherDots: teacher,
+                     teacherNorms: networks.teacherHead.prototypeNorms, epoch: context.epoch)
+        return ObjectiveOutput(loss: r.loss, monitors: r.monitors)
+    }
+
+    public var state: [(name: String, tensor: Tensor)] { loss.state() }
+    public func loadState(_ tensors: [String: Tensor]) throws { try loss.loadState(tensors) }
 }

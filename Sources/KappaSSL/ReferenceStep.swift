@@ -50,87 +50,44 @@ public final class ReferenceStep {
     }
 
     public let workload: Workload
-    public let student: FeatureEncoder, teacher: FeatureEncoder
-    public let studentHead: DINOHead, teacherHead: DINOHead
-    public let loss: DINOLoss
-    /// The iBOT loss of an iBOT workload (its [CLS] term is ``loss``).
-    public let ibotLoss: IBOTLoss?
-    public let optimizer: AdamW
-    public let globals: Tensor, locals: Tensor
+    /// The trainer the step runs through: the same loop as `DINOvMF`'s, with constant
+    /// schedules (learning rate 5e-4, weight decay 0.04, the workload's EMA momentum), clipping
+    /// at 3 and no frozen last layer.
+    public let trainer: TeacherStudentTrainer
+    /// The fixed views: two global crops and the workload's local crops of `batch` images each.
+    public let views: [Tensor]
 
     public init(_ w: Workload, seed: UInt64 = 0) {
+        var c = DINOConfiguration()
+        c.backbone = w.backbone
+        (c.prototypes, c.headHidden, c.bottleneck, c.headBatchNorm, c.normalizedPrototypes) = (w.prototypes, w.headHidden, w.bottleneck,
+                                                                                               w.headBatchNorm, false)
+        c.loss.dimension = w.bottleneck
+        (c.batchSize, c.epochs, c.warmupEpochs, c.freezeLastLayerEpochs, c.seed) = (w.batch, 1, 0, 0, seed)
+        c.baseLearningRate = 5e-4 * 256 / Double(w.batch)
+        c.minLearningRate = c.baseLearningRate * Double(w.batch) / 256
+        (c.weightDecay, c.weightDecayEnd) = (0.04, 0.04)
+        (c.teacherMomentum, c.teacherMomentumEnd) = (w.emaMomentum, w.emaMomentum)
+        if w.ibot { c.ibot = IBOTSettings(following: c.loss) }
+        do {
+            trainer = try TeacherStudentTrainer(configuration: c, iterationsPerEpoch: 1)
+        } catch {
+            preconditionFailure("ReferenceStep: \(error)")
+        }
         workload = w
-        var g = RandomGenerator(seed: seed)
-        let student = w.backbone.make(using: &g)
-        self.student = student
-        teacher = w.backbone.make(using: &g)
-        func head(_ g: inout RandomGenerator) -> DINOHead {
-            DINOHead(inFeatures: student.featureCount, prototypes: w.prototypes, hidden: w.headHidden, bottleneck: w.bottleneck,
-                     batchNorm: w.headBatchNorm, normLastLayer: false, using: &g)
-        }
-        studentHead = head(&g)
-        teacherHead = head(&g)
-        teacher.copyParameters(from: student)
-        teacherHead.copyParameters(from: studentHead)
-        for p in teacher.parameters + teacherHead.parameters { p.requiresGrad = false }
-        var c = DINOLossConfiguration()
-        c.dimension = w.bottleneck
-        (c.studentTemperature, c.teacherTemperature, c.warmupTeacherTemperature, c.centerMomentum) = (0.1, 0.04, 0.04, 0.9)
-        if w.ibot {
-            let ibot = IBOTLoss(prototypes: w.prototypes, patchPrototypes: w.prototypes, cls: c, patch: c)
-            ibotLoss = ibot
-            loss = ibot.clsLoss
-        } else {
-            ibotLoss = nil
-            loss = DINOLoss(prototypes: w.prototypes, configuration: c)
-        }
-        optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: 5e-4, weightDecay: 0.04, prefix: "backbone.")
-                          + ParameterGroup.dinoGroups(studentHead, learningRate: 5e-4, weightDecay: 0.04, prefix: "head."))
-        let ch = w.channels
-        globals = Tensor.randomNormal([2 * w.batch, ch, w.globalSize, w.globalSize], using: &g)
-        locals = Tensor.randomNormal([w.localCrops * w.batch, ch, w.localSize, w.localSize], using: &g)
+        var g = RandomGenerator(seed: seed &+ 1)
+        let globals = Tensor.randomNormal([2 * w.batch, w.channels, w.globalSize, w.globalSize], using: &g)
+        let locals = Tensor.randomNormal([w.localCrops * w.batch, w.channels, w.localSize, w.localSize], using: &g)
+        views = globals.split(sizes: [w.batch, w.batch], alongAxis: 0).map { $0.contiguous() }
+            + (w.localCrops > 0 ? locals.split(sizes: Array(repeating: w.batch, count: w.localCrops), alongAxis: 0).map { $0.contiguous() } : [])
     }
 
     /// The number of the student's parameters (backbone and head).
-    public var parameterCount: Int { (student.parameters + studentHead.parameters).reduce(0) { $0 + $1.count } }
+    public var parameterCount: Int { (trainer.student.parameters + trainer.studentHead.parameters).reduce(0) { $0 + $1.count } }
 
     /// One step; returns the loss.
     @discardableResult
     public func step() -> Double {
-        let b = workload.batch
-        let studentLocal = { self.studentHead(self.student.features(self.locals)).logits
-                                 .split(sizes: Array(repeating: b, count: self.workload.localCrops), alongAxis: 0) }
-        let total: Tensor
-        if let ibotLoss, let studentViT = student as? VisionTransformer, let teacherViT = teacher as? VisionTransformer {
-            // As DINOTrainer's iBOT step: fresh masks every step, the unmasked teacher.
-            let grid = workload.globalSize / studentViT.configuration.patchSize
-            var g = RandomGenerator(seed: UInt64(steps) &* 0x9E37_79B9_7F4A_7C15 ^ 0x1B07)
-            let masks = BlockMasking().masks(count: 2 * b, height: grid, width: grid, using: &g)
-            let t = withoutGradients { ibotHeads(teacherHead, teacherViT(globals), batch: b) }
-            let s = ibotHeads(studentHead, studentViT(globals, mask: masks), batch: b)
-            total = ibotLoss(studentCLS: s.cls + studentLocal(), studentNorms: studentHead.prototypeNorms, studentPatches: s.patches,
-                             studentPatchNorms: studentHead.prototypeNorms, masks: masks.split(sizes: [b, b], alongAxis: 0),
-                             teacherCLS: t.cls, teacherNorms: teacherHead.prototypeNorms, teacherPatches: t.patches,
-                             teacherPatchNorms: teacherHead.prototypeNorms, epoch: 0).loss
-        } else {
-            let teacherOut = withoutGradients {
-                teacherHead(teacher.features(globals)).logits.split(sizes: [b, b], alongAxis: 0)
-            }
-            let studentGlobal = studentHead(student.features(globals)).logits.split(sizes: [b, b], alongAxis: 0)
-            total = loss(studentDots: studentGlobal + studentLocal(), studentNorms: studentHead.prototypeNorms,
-                         teacherDots: teacherOut, teacherNorms: teacherHead.prototypeNorms, epoch: 0).loss
-        }
-        steps += 1
-        optimizer.zeroGrad()
-        total.backward()
-        Gradients.clipPerParameter(student, maxNorm: 3)
-        Gradients.clipPerParameter(studentHead, maxNorm: 3)
-        optimizer.step()
-        emaUpdate(teacher: teacher, student: student, momentum: workload.emaMomentum)
-        emaUpdate(teacher: teacherHead, student: studentHead, momentum: workload.emaMomentum)
-        return total.item()
+        trainer.step(ObjectiveBatch(views: views, globalCount: 2)).loss
     }
-
-    /// Steps taken (seeds each step's iBOT masks).
-    private var steps = 0
 }

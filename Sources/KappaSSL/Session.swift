@@ -1,21 +1,20 @@
 import Foundation
 import Kappa
 import KappaNN
-import Synchronization
-
-/// Set by SIGINT (Ctrl-C): the session saves a checkpoint and stops cleanly.
-let interruptRequested = Atomic<Bool>(false)
 
 /// A whole training run with its outputs: progress on the terminal (plain log lines when
 /// not a terminal), `metrics.jsonl`, SVG plots, `checkpoint.safetensors` after every epoch
-/// and on Ctrl-C, evaluation every `evaluateEvery` epochs and at the end.
+/// and when stopped, evaluation every `evaluateEvery` epochs and at the end.
 public final class TrainingSession {
-    public let trainer: DINOTrainer
-    public let reference: ImageDataset, test: ImageDataset
+    public let trainer: TeacherStudentTrainer
+    public let evaluator: Evaluator
     public let output: String
     public var evaluateEvery = 5
     public var linearProbe = true
     public var name = "DINO-vMF"
+    /// Asked before every step; when it returns true the session saves a checkpoint and
+    /// stops (a command sets it from its Ctrl-C handler).
+    public var shouldStop: () -> Bool = { false }
     var losses: [(Double, Double)] = []
     var evaluations: [EvaluationReport] = []
 
@@ -27,8 +26,8 @@ public final class TrainingSession {
         public let seconds: Double
     }
 
-    public init(trainer: DINOTrainer, reference: ImageDataset, test: ImageDataset, output: String) {
-        (self.trainer, self.reference, self.test, self.output) = (trainer, reference, test, output)
+    public init(trainer: TeacherStudentTrainer, evaluator: Evaluator, output: String) {
+        (self.trainer, self.evaluator, self.output) = (trainer, evaluator, output)
     }
 
     public var checkpointURL: URL { URL(fileURLWithPath: output).appendingPathComponent("checkpoint.safetensors") }
@@ -40,34 +39,32 @@ public final class TrainingSession {
             guard FileManager.default.fileExists(atPath: checkpointURL.path) else {
                 throw CheckpointError(path: checkpointURL.path, problem: "no checkpoint to resume from")
             }
-            try trainer.resume(from: checkpointURL)
+            try RunCheckpoint.restore(trainer, from: checkpointURL)
             log("resumed at epoch \(trainer.epoch), step \(trainer.step)")
         }
         let metrics = try MetricsLog(path: output + "/metrics.jsonl",
                                      resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
-        interruptRequested.store(false, ordering: .relaxed)
-        signal(SIGINT) { _ in interruptRequested.store(true, ordering: .relaxed) }
-        defer { signal(SIGINT, SIG_DFL) }
         let start = Date()
         let c = trainer.configuration
-        let perEpoch = trainer.train.count / c.batchSize
-        let total = c.epochs * perEpoch
+        let total = trainer.totalSteps
         let terminal = isatty(STDOUT_FILENO) != 0
         var diverged = false, interrupted = false
         var stepStart = Date(), stepsTimed = 0
         while !trainer.isFinished {
-            var epochEntropy = 0.0, epochKL = 0.0, epochLoss = 0.0, n = 0.0
+            var epochMeans = EpochMeans()
             let completed = trainer.trainEpoch(onStep: { s in
                 metrics.write("step", s)
                 losses.append((Double(s.step), s.loss))
                 if !s.loss.isFinite { diverged = true }
-                epochEntropy += s.teacherEntropy; epochKL += s.klDivergence; epochLoss += s.loss; n += 1
+                epochMeans.add(s)
                 stepsTimed += 1
                 let rate = Date().timeIntervalSince(stepStart) / Double(stepsTimed)
                 let eta = Int(rate * Double(total - s.step - 1))
-                let line = String(format: "epoch %d/%d step %d/%d  ETA %d:%02d  loss %.4f  lr %.2e  τt %.3f  H(t) %.2f  KL %.3f",
-                                  s.epoch + 1, c.epochs, s.step + 1, total, eta / 60, eta % 60, s.loss, s.learningRate,
-                                  s.teacherTemperature, s.teacherEntropy, s.klDivergence)
+                let line = String(format: "epoch %d/%d step %d/%d  ETA %d:%02d  loss %.4f", s.epoch + 1, c.epochs, s.step + 1, total,
+                                  eta / 60, eta % 60, s.loss)
+                    + s.terms.map { "  \($0.label) " + String(format: $0.format, $0.value) }.joined()
+                    + String(format: "  lr %.2e", s.learningRate)
+                    + s.monitors.map { "  \($0.label) " + String(format: $0.format, $0.value) }.joined()
                 if terminal {
                     print("\r" + line, terminator: "")
                     fflush(stdout)
@@ -75,7 +72,7 @@ public final class TrainingSession {
                     print(line)
                     fflush(stdout)
                 }
-            }, shouldStop: { interruptRequested.load(ordering: .relaxed) })
+            }, shouldStop: shouldStop)
             if terminal { print("") }
             if diverged {
                 log("the loss became NaN or infinite at step \(trainer.step); stopping")
@@ -84,14 +81,12 @@ public final class TrainingSession {
             if !completed {
                 interrupted = true
                 log("interrupted at epoch \(trainer.epoch), step \(trainer.step): saving \(checkpointURL.path)")
-                try trainer.save(to: checkpointURL)
+                try RunCheckpoint.save(trainer, to: checkpointURL)
                 break
             }
-            struct EpochRecord: Codable { let epoch: Int; let loss: Double; let teacherEntropy: Double; let klDivergence: Double }
-            metrics.write("epoch", EpochRecord(epoch: trainer.epoch, loss: epochLoss / n, teacherEntropy: epochEntropy / n,
-                                               klDivergence: epochKL / n))
+            metrics.write("epoch", epochMeans.record(epoch: trainer.epoch))
             if trainer.epoch % evaluateEvery == 0 || trainer.isFinished {
-                let report = trainer.evaluate(reference: reference, test: test, linearProbe: linearProbe && trainer.isFinished)
+                let report = evaluator.evaluate(trainer, linearProbe: linearProbe && trainer.isFinished)
                 evaluations.append(report)
                 metrics.write("evaluation", report)
                 log(String(format: "epoch %d: kNN %.2f%% (raw pixels %.2f%%, random init %.2f%%), utilization %d/%d",
@@ -100,7 +95,7 @@ public final class TrainingSession {
             }
             // Saved after the epoch's records: a run killed before this line redoes the epoch and
             // its records (a resume drops records past the checkpoint), one killed after it has them.
-            try trainer.save(to: checkpointURL)
+            try RunCheckpoint.save(trainer, to: checkpointURL)
             stepStart = Date(); stepsTimed = 0
             try writePlots()
         }
@@ -109,6 +104,23 @@ public final class TrainingSession {
     }
 
     func log(_ s: String) { print(s); fflush(stdout) }
+
+    /// The means of an epoch's steps: the loss, its terms and the monitors, by key.
+    struct EpochMeans {
+        var sums: [(key: String, sum: Double)] = []
+        var n = 0.0
+        mutating func add(_ s: StepLog) {
+            let values = [("loss", s.loss)] + (s.terms + s.monitors).map { ($0.key, $0.value) }
+            if sums.isEmpty { sums = values.map { ($0.0, 0) } }
+            for (i, v) in values.enumerated() where i < sums.count && sums[i].key == v.0 { sums[i].sum += v.1 }
+            n += 1
+        }
+        func record(epoch: Int) -> [String: Double] {
+            var r: [String: Double] = ["epoch": Double(epoch)]
+            for (k, s) in sums { r[k] = s / Swift.max(n, 1) }
+            return r
+        }
+    }
 
     func writePlots() throws {
         var smoothed: [(Double, Double)] = []

@@ -117,7 +117,7 @@ struct OptimizerTests {
         #expect(Swift.abs(after - 1) < 1e-5)
         let head = DINOHead(inFeatures: 2, prototypes: 3, hidden: 4, bottleneck: 2, normLastLayer: false, using: &g)
         for p in head.parameters { p.grad = p.onesLike() }
-        Gradients.cancelLastLayer(head, epoch: 0, freezeEpochs: 1)
+        head.cancelLastLayerGradients()
         #expect(head.lastLayerDirection.grad == nil && head.lastLayerScale.grad == nil)
         #expect(head.parameters.filter { $0.grad != nil }.count == head.parameters.count - 2)
     }

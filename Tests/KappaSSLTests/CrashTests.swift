@@ -76,7 +76,7 @@ struct CrashTests {
                 if duringWrite { killsDuringWrite += 1 }
                 if FileManager.default.fileExists(atPath: checkpoint.path) {
                     // Whatever the moment of the kill, the checkpoint on disk reads and validates.
-                    _ = try DINOTrainer.configuration(in: checkpoint)
+                    _ = try RunCheckpoint.configuration(in: checkpoint)
                     _ = try SafeTensors.read(checkpoint)
                 }
             } else {

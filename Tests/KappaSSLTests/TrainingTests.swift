@@ -44,31 +44,31 @@ struct TrainingTests {
     @Test func trainsResumesAndEvaluates() throws {
         let data = ShapesDataset.make(count: 96, size: 16, seed: 2)
         let config = tinyConfiguration()
-        let trainer = DINOTrainer(configuration: config, train: data)
+        let trainer = try TeacherStudentTrainer(configuration: config, train: data)
         var losses: [Double] = []
         trainer.trainEpoch { losses.append($0.loss) }
         let dir = NSTemporaryDirectory() + "kappa-train-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let url = URL(fileURLWithPath: dir + "/run.safetensors")
-        try trainer.save(to: url)
+        try RunCheckpoint.save(trainer, to: url)
         while !trainer.isFinished { trainer.trainEpoch { losses.append($0.loss) } }
         #expect(losses.count == 18 && losses.allSatisfy(\.isFinite))
         let first = losses.prefix(3).reduce(0, +) / 3, last = losses.suffix(3).reduce(0, +) / 3
         #expect(last < first, "loss \(first) → \(last)")
 
         // A fresh trainer resumed from the checkpoint ends bit-identical.
-        #expect(try DINOTrainer.configuration(in: url) == config)
-        let resumed = DINOTrainer(configuration: config, train: data)
-        try resumed.resume(from: url)
+        #expect(try RunCheckpoint.configuration(in: url) == config)
+        let resumed = try TeacherStudentTrainer(configuration: config, train: data)
+        try RunCheckpoint.restore(resumed, from: url)
         #expect(resumed.epoch == 1 && resumed.step == 6)
         while !resumed.isFinished { resumed.trainEpoch() }
         for (a, b) in zip(trainer.teacher.stateDict() + trainer.studentHead.stateDict(),
                           resumed.teacher.stateDict() + resumed.studentHead.stateDict()) {
             #expect(a.tensor.rawBytes() == b.tensor.rawBytes(), "\(a.name)")
         }
-        #expect(trainer.loss.centering.center.rawBytes() == resumed.loss.centering.center.rawBytes())
+        #expect(trainer.objective.state[0].tensor.rawBytes() == resumed.objective.state[0].tensor.rawBytes())
 
-        let report = trainer.evaluate(reference: data, test: ShapesDataset.make(count: 40, size: 16, seed: 3), linearProbe: true)
+        let report = try Evaluator(reference: data, test: ShapesDataset.make(count: 40, size: 16, seed: 3)).evaluate(trainer, linearProbe: true)
         #expect(report.knn >= 0 && report.knn <= 1 && report.knnRawPixels > 0 && report.utilization >= 1)
         #expect(report.quartileCounts.reduce(0, +) == 40)
     }
@@ -83,20 +83,22 @@ struct TrainingTests {
         settings.patch.teacherTemperature = 0.05
         config.ibot = settings
         config.epochs = 2
-        let trainer = DINOTrainer(configuration: config, train: data)
+        let trainer = try TeacherStudentTrainer(configuration: config, train: data)
         var losses: [Double] = []
         trainer.trainEpoch { losses.append($0.loss) }
         let url = URL(fileURLWithPath: NSTemporaryDirectory() + "kappa-ibot-\(UUID().uuidString).safetensors")
-        try trainer.save(to: url)
+        try RunCheckpoint.save(trainer, to: url)
         trainer.trainEpoch { losses.append($0.loss) }
         #expect(losses.count == 8 && losses.allSatisfy(\.isFinite))
-        #expect(trainer.ibotLoss!.patchLoss.centering.center.sum().item() > 0.99, "the patch center moved and stayed a distribution")
-        let resumed = DINOTrainer(configuration: config, train: data)
-        try resumed.resume(from: url)
+        let ibot = try #require(trainer.objective as? IBOTObjective)
+        #expect(ibot.loss.patchLoss.centering.center.sum().item() > 0.99, "the patch center moved and stayed a distribution")
+        let resumed = try TeacherStudentTrainer(configuration: config, train: data)
+        try RunCheckpoint.restore(resumed, from: url)
         resumed.trainEpoch()
         for (a, b) in zip(trainer.student.stateDict() + trainer.teacherHead.stateDict(), resumed.student.stateDict() + resumed.teacherHead.stateDict()) {
             #expect(a.tensor.rawBytes() == b.tensor.rawBytes(), "\(a.name)")
         }
-        #expect(trainer.ibotLoss!.patchLoss.centering.center.rawBytes() == resumed.ibotLoss!.patchLoss.centering.center.rawBytes())
+        #expect(trainer.objective.state.map(\.name) == ["center", "patchCenter"])
+        for (a, b) in zip(trainer.objective.state, resumed.objective.state) { #expect(a.tensor.rawBytes() == b.tensor.rawBytes(), "\(a.name)") }
     }
 }

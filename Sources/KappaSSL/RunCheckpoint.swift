@@ -1,0 +1,88 @@
+import Foundation
+import Kappa
+import KappaNN
+
+/// A teacher–student run in one safetensors file: student and teacher (`backbone.*`,
+/// `head.*`), AdamW's moments, the objective's ``SelfSupervisedObjective/state`` (`extra.*`),
+/// the position and generator, and the configuration as JSON metadata. Written atomically.
+public enum RunCheckpoint {
+    /// The metadata key of the configuration inside ``TrainingState/configuration``.
+    static let configurationKey = "dino"
+
+    /// Saves the whole run.
+    public static func save(_ trainer: TeacherStudentTrainer, to url: URL) throws {
+        let config = String(decoding: try JSONEncoder().encode(trainer.configuration), as: UTF8.self)
+        let n = trainer.networks
+        try TrainingCheckpoint.save(to: url, student: StudentTeacherPair(n.student, n.studentHead),
+                                    teacher: StudentTeacherPair(n.teacher, n.teacherHead), optimizer: trainer.optimizer,
+                                    extra: trainer.objective.state,
+                                    state: TrainingState(step: trainer.step, epoch: trainer.epoch, generator: trainer.generator,
+                                                         configuration: [configurationKey: config]))
+    }
+
+    /// Restores a run saved by ``save(_:to:)`` into a trainer made with the same
+    /// configuration (checked) and objective. Throws ``CheckpointError`` naming the file and
+    /// the problem; the trainer is only changed when everything fits.
+    public static func restore(_ trainer: TeacherStudentTrainer, from url: URL) throws {
+        let saved = try configuration(in: url)
+        guard saved == trainer.configuration else {
+            throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))")
+        }
+        let n = trainer.networks
+        // Check the objective's state before anything is loaded.
+        let (tensors, _) = try SafeTensors.read(url)
+        var extra: [String: Tensor] = [:]
+        for (name, t) in tensors where name.hasPrefix("extra.") { extra[String(name.dropFirst(6))] = t }
+        for (name, t) in trainer.objective.state {
+            guard let s = extra[name], s.shape == t.shape, s.dtype == t.dtype else {
+                throw CheckpointError(path: url.path, problem: "the objective's state '\(name)' (\(t.shape) \(t.dtype)) is missing or of another shape")
+            }
+        }
+        let (state, loaded) = try TrainingCheckpoint.load(from: url, student: StudentTeacherPair(n.student, n.studentHead),
+                                                          teacher: StudentTeacherPair(n.teacher, n.teacherHead), optimizer: trainer.optimizer)
+        do { try trainer.objective.loadState(loaded) } catch { throw CheckpointError(path: url.path, problem: "\(error)") }
+        (trainer.step, trainer.epoch, trainer.generator) = (state.step, state.epoch, state.generator)
+    }
+
+    /// Reads the configuration stored in a checkpoint written by ``save(_:to:)``.
+    public static func configuration(in url: URL) throws -> DINOConfiguration {
+        let (_, meta) = try SafeTensors.read(url)
+        guard let json = meta["kappa.training_state"],
+              let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
+              let config = state.configuration[configurationKey] else {
+            throw CheckpointError(path: url.path, problem: "not a DINOvMF checkpoint (no configuration in the metadata)")
+        }
+        do {
+            return try JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8))
+        } catch {
+            throw CheckpointError(path: url.path, problem: "its configuration cannot be read by this version of Kappa (\(error))")
+        }
+    }
+
+    /// The top-level fields in which two configurations differ, for error messages.
+    static func difference(_ a: DINOConfiguration, _ b: DINOConfiguration) -> String {
+        func fields(_ c: DINOConfiguration) -> [String: String] {
+            guard let data = try? JSONEncoder().encode(c),
+                  let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any] else { return [:] }
+            var out: [String: String] = [:]
+            for (k, v) in object {
+                let d = (try? JSONSerialization.data(withJSONObject: v, options: [.sortedKeys, .fragmentsAllowed])) ?? Data()
+                out[k] = String(decoding: d, as: UTF8.self)
+            }
+            return out
+        }
+        let (fa, fb) = (fields(a), fields(b))
+        let keys = Set(fa.keys).union(fb.keys).filter { fa[$0] != fb[$0] }.sorted()
+        return keys.isEmpty ? "unknown difference" : "differs in " + keys.joined(separator: ", ")
+    }
+}
+
+/// A backbone and its head as one module, named `backbone.*` and `head.*` in checkpoints.
+final class StudentTeacherPair: Module {
+    let backbone: Module, head: DINOHead
+    init(_ backbone: Module, _ head: DINOHead) {
+        self.backbone = backbone
+        self.head = head
+        super.init()
+    }
+}
