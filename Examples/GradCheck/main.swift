@@ -1,4 +1,5 @@
-// A custom layer with a hand-written VJP, gradient-checked against finite differences.
+// A custom layer with a hand-written VJP and residuals (as JAX's custom_vjp), gradient-checked
+// against finite differences.
 //
 //     swift run GradCheck
 //
@@ -11,20 +12,18 @@ import Kappa
 
 func rmsNorm(_ x: Tensor, gain: Tensor, eps: Double = 1e-6) -> Tensor {
     let n = Double(x.shape[x.rank - 1])
-    func inverseRMS(_ x: Tensor) -> Tensor {
-        let meanSquare = (x * x).mean(alongAxes: [-1], keepingDims: true)
-        return (meanSquare + eps).rsqrt()
-    }
     return Tensor.custom("rmsNorm", [x, gain], forward: { t in
-        t[0] * inverseRMS(t[0]) * t[1]
-    }, vjp: { g, t, _ in
         let (x, gain) = (t[0], t[1])
-        let r = inverseRMS(x)
-        let gg = g * gain
+        let r = ((x * x).mean(alongAxes: [-1], keepingDims: true) + eps).rsqrt()   // one per row
+        // The residuals: what the VJP needs, so that it does not recompute the inverse RMS.
+        return (outputs: [x * r * gain], residuals: [x, gain, r])
+    }, vjp: { g, residuals in
+        let (x, gain, r) = (residuals[0], residuals[1], residuals[2])
+        let gg = g[0] * gain
         let dx = r * gg - x * r.pow(3) / n * (gg * x).sum(alongAxes: [-1], keepingDims: true)
-        let dgain = (g * x * r).sum(toShape: gain.shape)
+        let dgain = (g[0] * x * r).sum(toShape: gain.shape)
         return [dx, dgain]
-    })
+    })[0]
 }
 
 var rng = RandomGenerator(seed: 0)

@@ -245,13 +245,65 @@ private func accumulateLeaf(_ t: Tensor, _ g: Tensor) {
 
 extension Tensor {
     /// Defines a differentiable op from a forward function and its vector-Jacobian product,
-    /// like PyTorch's `autograd.Function` or JAX's `custom_vjp`. Every op of the library that
-    /// is not a plain kernel (the special functions, the SSL losses) is built this way.
+    /// in the shape of JAX's `custom_vjp` (PyTorch: `autograd.Function` with
+    /// `ctx.save_for_backward`). The library's own fused ops (``layerNorm(weight:bias:eps:)``,
+    /// ``batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:)``,
+    /// ``selfAttention(heads:scale:)``) are written this way.
     ///
-    /// `forward` runs with recording off on the inputs; `vjp` receives the output's gradient,
-    /// the inputs and the output, and returns one gradient per input in input order (`nil`
-    /// where an input is not differentiable); gradients of broadcast inputs may keep the
-    /// output's shape, the tape sums them down. Gradient-check a new op with ``gradcheck(_:eps:atol:rtol:mode:seed:_:)``:
+    /// `forward` runs once, with recording off, on detached copies of `inputs`, and returns
+    /// the op's outputs and its *residuals*: whatever the VJP needs from the forward pass (the
+    /// inputs, an output, or intermediates such as per-row statistics, so that backward does not
+    /// recompute them). `vjp` receives one gradient per output (zeros for an output that does
+    /// not reach the loss) and the residuals, and returns one gradient per input in input order
+    /// (`nil` where an input is not differentiable); a gradient of a broadcast input may keep the
+    /// output's shape, the tape sums it down. Residuals are kept until backward runs (or the
+    /// outputs are freed); outputs of several tensors must share a dtype.
+    ///
+    /// ```swift
+    /// // y = x³, keeping x² for backward.
+    /// func cube(_ x: Tensor) -> Tensor {
+    ///     Tensor.custom("cube", [x], forward: { t in
+    ///         let square = t[0] * t[0]
+    ///         return (outputs: [square * t[0]], residuals: [square])
+    ///     }, vjp: { g, r in [g[0] * 3 * r[0]] })[0]
+    /// }
+    /// ```
+    ///
+    /// Gradient-check a new op with ``gradcheck(_:eps:atol:rtol:mode:seed:_:)``.
+    public static func custom(_ name: String, _ inputs: [Tensor],
+                              forward: ([Tensor]) -> (outputs: [Tensor], residuals: [Tensor]),
+                              vjp: @escaping (_ gradients: [Tensor], _ residuals: [Tensor]) -> [Tensor?]) -> [Tensor] {
+        let (produced, saved) = withoutGradients { forward(inputs.map { $0.detached() }) }
+        precondition(!produced.isEmpty, "\(name): forward returned no outputs")
+        // Fresh tensors without history; residuals detached so that no node holds its own output.
+        let outputs = produced.map { $0.detached() }
+        let residuals = saved.map { $0.detached() }
+        let count = inputs.count
+        func checked(_ grads: [Tensor?]) -> [Tensor?] {
+            precondition(grads.count == count, "\(name): VJP returned \(grads.count) gradients for \(count) inputs")
+            return grads
+        }
+        if outputs.count == 1 {
+            Tape.record(name, inputs, outputs[0]) { g in checked(vjp([g], residuals)) }
+            return outputs
+        }
+        guard Tape.isRecording && inputs.contains(where: { $0.requiresGrad }) else { return outputs }
+        // Several outputs: one node on the outputs packed into a vector; each output is a
+        // differentiable slice of it, so the tape hands the VJP all output gradients at once.
+        let dtype = outputs[0].dtype
+        for o in outputs {
+            precondition(o.dtype == dtype, "\(name): outputs of dtypes \(outputs.map(\.dtype)); they must share one")
+        }
+        let shapes = outputs.map(\.shape), sizes = outputs.map(\.count)
+        let packed = withoutGradients { Tensor.concat(outputs.map { $0.reshape([$0.count]) }, alongAxis: 0) }
+        Tape.record(name, inputs, packed) { g in
+            checked(vjp(zip(g.split(sizes: sizes, alongAxis: 0), shapes).map { $0.reshape($1) }, residuals))
+        }
+        return zip(packed.split(sizes: sizes, alongAxis: 0), shapes).map { $0.reshape($1) }
+    }
+
+    /// A single-output ``custom(_:_:forward:vjp:)`` whose VJP gets the inputs and the output
+    /// as residuals (PyTorch's `save_for_backward(*inputs, output)`):
     ///
     /// ```swift
     /// func cube(_ x: Tensor) -> Tensor {
@@ -262,16 +314,10 @@ extension Tensor {
     public static func custom(_ name: String, _ inputs: [Tensor],
                               forward: ([Tensor]) -> Tensor,
                               vjp: @escaping (_ gradient: Tensor, _ inputs: [Tensor], _ output: Tensor) -> [Tensor?]) -> Tensor {
-        let saved = inputs.map { $0.detached() }
-        let y = withoutGradients { forward(saved) }
-        let out = y.detached()
-        let savedOut = out.detached()
-        Tape.record(name, inputs, out) { g in
-            let grads = vjp(g, saved, savedOut)
-            precondition(grads.count == inputs.count,
-                         "\(name): VJP returned \(grads.count) gradients for \(inputs.count) inputs")
-            return grads
-        }
-        return out
+        let n = inputs.count
+        return custom(name, inputs, forward: { t in
+            let y = forward(t)
+            return ([y], t + [y])
+        }, vjp: { g, r in vjp(g[0], Array(r.prefix(n)), r[n]) })[0]
     }
 }

@@ -1,3 +1,4 @@
+import Foundation
 import Kappa
 import Testing
 
@@ -79,6 +80,56 @@ struct TapeTests {
         }
         let r2 = gradcheck([awayFromZero([3, 2], seed: 2), randn([2], seed: 3)]) { softsign($0[0] * $0[1]).sum(alongAxis: 0) }
         #expect(r2.passed, "\(r2)")
+    }
+
+    /// sin and cos of x as one op with two outputs; the VJP reads the residuals (both outputs),
+    /// not the input, and counts its calls.
+    final class Calls { var vjp = 0 }
+    func sinCos(_ x: Tensor, _ calls: Calls) -> (sin: Tensor, cos: Tensor) {
+        let r = Tensor.custom("sinCos", [x], forward: { t in
+            let (s, c) = (t[0].sin(), t[0].cos())
+            return (outputs: [s, c], residuals: [s, c])
+        }, vjp: { g, r in
+            calls.vjp += 1
+            return [g[0] * r[1] - g[1] * r[0]]
+        })
+        return (r[0], r[1])
+    }
+
+    @Test func customOpWithResidualsAndTwoOutputs() {
+        let calls = Calls()
+        // Both outputs reach the loss, with different weights and shapes downstream.
+        let report = gradcheck([randn([3, 2], seed: 11)]) { t in
+            let (s, c) = sinCos(t[0], calls)
+            return (s * 2 + c.pow(2)).sum(alongAxis: 0)
+        }
+        #expect(report.passed, "\(report)")
+        // Only one output used: the other's gradient arrives as zeros; the VJP runs once per backward.
+        calls.vjp = 0
+        let x = Tensor([0.3, -1.2, 2.0]).requiringGrad()
+        sinCos(x, calls).cos.sum().backward()
+        #expect(calls.vjp == 1)
+        for (g, v) in zip(x.grad!.doubles, [0.3, -1.2, 2.0]) { #expect(Swift.abs(g + Foundation.sin(v)) < 1e-15) }
+        // Without gradients nothing is recorded and the outputs are plain tensors.
+        let off = withoutGradients { sinCos(x, calls) }
+        #expect(!off.sin.requiresGrad && !off.cos.requiresGrad)
+    }
+
+    @Test func customOpResidualsAreFreedWithTheGraph() {
+        // A residual that is the output itself must not keep the graph alive: the node holds
+        // detached residuals, so once the output and the loss go, the input's graph is gone.
+        weak var weakOutput: Tensor?
+        do {
+            let x = Tensor([1.0, 2]).requiringGrad()
+            let y = Tensor.custom("square", [x], forward: { t in
+                let y = t[0] * t[0]
+                return ([y], [t[0], y])
+            }, vjp: { g, r in [g[0] * 2 * r[0]] })[0]
+            weakOutput = y
+            y.sum().backward()
+            #expect(x.grad!.doubles == [2, 4])
+        }
+        #expect(weakOutput == nil)
     }
 
     @Test func checkerCatchesAWrongVJP() {

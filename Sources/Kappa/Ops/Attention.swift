@@ -23,25 +23,31 @@ extension Tensor {
         let (b, n, d) = (shape[0], shape[1], shape[2] / 3)
         let dh = d / heads
         let s = scale ?? 1 / Double(dh).squareRoot()
-        let x = contiguousData()
-        let out = Tensor(uninitialized: [b, n, d], dtype: dtype)
-        let probabilities = Tensor(uninitialized: [b, heads, n, n], dtype: dtype)
         let geometry = AttentionGeometry(b: b, n: n, heads: heads, dh: dh, scale: s)
-        switch dtype {
-        case .float32: attentionForward(x, out, probabilities, geometry, Float.self)
-        case .float64: attentionForward(x, out, probabilities, geometry, Double.self)
-        }
-        let p = probabilities.detached()
-        Tape.record("selfAttention", [self], out) { g in
-            let gc = g.contiguousData()
+        var attention: Tensor?
+        // Residuals: qkv and P, the one [N, N] matrix per (image, head) backward needs.
+        let out = Tensor.custom("selfAttention", [self], forward: { t in
+            let x = t[0].contiguousData()
+            let out = Tensor(uninitialized: [b, n, d], dtype: x.dtype)
+            let probabilities = Tensor(uninitialized: [b, heads, n, n], dtype: x.dtype)
+            switch x.dtype {
+            case .float32: attentionForward(x, out, probabilities, geometry, Float.self)
+            case .float64: attentionForward(x, out, probabilities, geometry, Double.self)
+            }
+            attention = probabilities.detached()
+            return ([out], [x, probabilities])
+        }, vjp: { g, r in
+            let (x, p) = (r[0], r[1])
+            let gc = g[0].contiguousData()
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype)
             switch x.dtype {
             case .float32: attentionBackward(x, p, gc, gx, geometry, Float.self)
             case .float64: attentionBackward(x, p, gc, gx, geometry, Double.self)
             }
             return [gx]
-        }
-        return (out, p)
+        })[0]
+        guard let attention else { preconditionFailure("selfAttention: forward produced no probabilities") }
+        return (out, attention)
     }
 }
 

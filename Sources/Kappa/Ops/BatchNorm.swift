@@ -32,31 +32,34 @@ extension Tensor {
         precondition(!training || n * l > 1, "batchNorm: input \(shape) has one value per channel; training needs more")
         precondition(training || (runningMean != nil && runningVariance != nil),
                      "batchNorm: evaluation of input \(shape) needs runningMean and runningVariance")
-        let x = contiguousData()
-        let out = Tensor(uninitialized: shape, dtype: dtype)
-        // mean, biased variance, 1/σ, then scale γr and shift β − μγr: [5, C].
-        let stats = Tensor(uninitialized: [5, c], dtype: dtype)
-        let w = weight?.contiguousData(), b = bias?.contiguousData()
-        let rm = runningMean?.contiguousData(), rv = runningVariance?.contiguousData()
-        switch dtype {
-        case .float32:
-            batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Float.self)
-        case .float64:
-            batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Double.self)
-        }
-        if training, let runningMean, let runningVariance {
-            let m = Double(n * l)
-            withoutGradients {
-                runningMean.assign(runningMean * (1 - momentum) + stats[0] * momentum)
-                runningVariance.assign(runningVariance * (1 - momentum) + stats[1] * (momentum * m / Swift.max(m - 1, 1)))
-            }
-        }
         var inputs = [self]
         if let weight { inputs.append(weight) }
         if let bias { inputs.append(bias) }
-        let y = applyingReLU ? out.detached() : nil
-        Tape.record(applyingReLU ? "batchNormReLU" : "batchNorm", inputs, out) { g in
-            let gc = g.contiguousData()
+        let (hasWeight, hasBias) = (weight != nil, bias != nil)
+        // Residuals: x, the statistics [5, C], γ, and with ReLU the output (its zeros mask g).
+        return Tensor.custom(applyingReLU ? "batchNormReLU" : "batchNorm", inputs, forward: { t in
+            let x = t[0].contiguousData()
+            let out = Tensor(uninitialized: x.shape, dtype: x.dtype)
+            // mean, biased variance, 1/σ, then scale γr and shift β − μγr: [5, C].
+            let stats = Tensor(uninitialized: [5, c], dtype: x.dtype)
+            let w = hasWeight ? t[1].contiguousData() : nil, b = hasBias ? t[t.count - 1].contiguousData() : nil
+            let rm = runningMean?.contiguousData(), rv = runningVariance?.contiguousData()
+            switch x.dtype {
+            case .float32:
+                batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Float.self)
+            case .float64:
+                batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Double.self)
+            }
+            if training, let runningMean, let runningVariance {
+                let m = Double(n * l)
+                runningMean.assign(runningMean * (1 - momentum) + stats[0] * momentum)
+                runningVariance.assign(runningVariance * (1 - momentum) + stats[1] * (momentum * m / Swift.max(m - 1, 1)))
+            }
+            return ([out], [x, stats] + (w.map { [$0] } ?? []) + (applyingReLU ? [out] : []))
+        }, vjp: { g, r in
+            let (x, stats) = (r[0], r[1])
+            let w = hasWeight ? r[2] : nil, y = applyingReLU ? r[r.count - 1] : nil
+            let gc = g[0].contiguousData()
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype)
             let gw = Tensor(uninitialized: [c], dtype: x.dtype), gb = Tensor(uninitialized: [c], dtype: x.dtype)
             switch x.dtype {
@@ -64,11 +67,10 @@ extension Tensor {
             case .float64: batchNormBackward(x, gc, y, gx, gw, gb, stats, w, training: training, n, c, l, Double.self)
             }
             var grads: [Tensor?] = [gx]
-            if weight != nil { grads.append(gw) }
-            if bias != nil { grads.append(gb) }
+            if hasWeight { grads.append(gw) }
+            if hasBias { grads.append(gb) }
             return grads
-        }
-        return out
+        })[0]
     }
 }
 

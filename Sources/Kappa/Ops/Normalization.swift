@@ -18,20 +18,25 @@ extension Tensor {
                 checkSameDType("layerNorm", self, p)
             }
         }
-        let x = contiguousData()
-        let rows = count / Swift.max(d, 1)
-        let out = Tensor(uninitialized: shape, dtype: dtype)
-        let stats = Tensor(uninitialized: [rows, 2], dtype: dtype)  // mean, 1/σ
-        let w = weight?.contiguousData(), b = bias?.contiguousData()
-        switch dtype {
-        case .float32: layerNormForward(x, w, b, out, stats, rows, d, Float(eps), Float.self)
-        case .float64: layerNormForward(x, w, b, out, stats, rows, d, eps, Double.self)
-        }
         var inputs = [self]
         if let weight { inputs.append(weight) }
         if let bias { inputs.append(bias) }
-        Tape.record("layerNorm", inputs, out) { g in
-            let gc = g.contiguousData()
+        let (hasWeight, hasBias) = (weight != nil, bias != nil)
+        let rows = count / Swift.max(d, 1)
+        // Residuals: x, the per-row mean and 1/σ, and the weight.
+        return Tensor.custom("layerNorm", inputs, forward: { t in
+            let x = t[0].contiguousData()
+            let out = Tensor(uninitialized: x.shape, dtype: x.dtype)
+            let stats = Tensor(uninitialized: [rows, 2], dtype: x.dtype)  // mean, 1/σ
+            let w = hasWeight ? t[1].contiguousData() : nil, b = hasBias ? t[t.count - 1].contiguousData() : nil
+            switch x.dtype {
+            case .float32: layerNormForward(x, w, b, out, stats, rows, d, Float(eps), Float.self)
+            case .float64: layerNormForward(x, w, b, out, stats, rows, d, eps, Double.self)
+            }
+            return ([out], [x, stats] + (w.map { [$0] } ?? []))
+        }, vjp: { g, r in
+            let (x, stats, w) = (r[0], r[1], hasWeight ? r[2] : nil)
+            let gc = g[0].contiguousData()
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype)
             let gw = Tensor.zeros([d], dtype: x.dtype), gb = Tensor.zeros([d], dtype: x.dtype)
             switch x.dtype {
@@ -39,11 +44,10 @@ extension Tensor {
             case .float64: layerNormBackward(x, w, gc, stats, gx, gw, gb, rows, d, Double.self)
             }
             var grads: [Tensor?] = [gx]
-            if weight != nil { grads.append(gw) }
-            if bias != nil { grads.append(gb) }
+            if hasWeight { grads.append(gw) }
+            if hasBias { grads.append(gb) }
             return grads
-        }
-        return out
+        })[0]
     }
 }
 
