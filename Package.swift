@@ -7,6 +7,8 @@ let package = Package(
         .library(name: "Kappa", targets: ["Kappa"]),
         .library(name: "KappaNN", targets: ["KappaNN"]),
         .library(name: "KappaSSL", targets: ["KappaSSL"]),
+        // The DINOvMF command line, for programs of new objectives (Examples/KoLeo).
+        .library(name: "KappaCommands", targets: ["KappaCommands"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
         .executable(name: "DINOvMF", targets: ["DINOvMF"]),
         .executable(name: "iBOTvMF", targets: ["iBOTvMF"]),
@@ -46,6 +48,9 @@ let package = Package(
         ),
         .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
         .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),
+        .executableTarget(name: "KoLeo", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaCommands",
+                                                        .product(name: "ArgumentParser", package: "swift-argument-parser")],
+                          path: "Examples/KoLeo"),
         .executableTarget(name: "Supervised", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaCommands", .product(name: "ArgumentParser", package: "swift-argument-parser")],
                           path: "Examples/Supervised"),
         // Hostile-file testing of every reader, shared by the KappaFuzz command and the tests.

@@ -243,7 +243,7 @@ public struct ModelOptions: ParsableArguments {
 public struct Common: ParsableArguments {
     public init() {}
     @Option(help: "Output folder for metrics.jsonl, plots (SVG) and checkpoint.safetensors.")
-    var output = "runs/" + KappaCommand.defaultMethod.rawValue
+    var output = "runs/" + (KappaCommand.objectiveName ?? KappaCommand.defaultMethod.rawValue)
     @Option(help: "Random seed: the same seed gives the same run.")
     var seed: UInt64 = 0
     @Option(help: "Threads for kernels and BLAS (default: all cores).")
@@ -259,16 +259,26 @@ public struct Common: ParsableArguments {
     }
 }
 
-/// The program: `DINOvMF` or `iBOTvMF`, which differ only in name and default method.
+/// The program: `DINOvMF` or `iBOTvMF`, which differ only in name and default method, or a
+/// program of a new objective (`Examples/KoLeo`), which sets ``makeObjective`` and gets the
+/// same command line, progress, metrics, plots, checkpoints, resume and report.
 public struct KappaCommand: ParsableCommand {
     nonisolated(unsafe) public static var name = "DINOvMF"
     nonisolated(unsafe) public static var defaultMethod = SSLMethod.dinoVMF
+    /// The objective to train for a configuration; nil trains the configuration's own
+    /// (``DINOConfiguration/makeObjective()``). Throw `ValidationError` for a configuration
+    /// the objective cannot serve.
+    nonisolated(unsafe) public static var makeObjective: ((DINOConfiguration) throws -> SelfSupervisedObjective)?
+    /// The name runs are reported under; nil is the `--method`'s.
+    nonisolated(unsafe) public static var objectiveName: String?
+    /// More text for `--help` (a new objective's own options).
+    nonisolated(unsafe) public static var discussion = ""
 
     public static var configuration: CommandConfiguration {
         CommandConfiguration(
             commandName: name,
             abstract: "Self-supervised \(defaultMethod.isIBOT ? "iBOT-vMF / iBOT" : "DINO-vMF / DINO") training and evaluation on a CPU.",
-            subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
+            discussion: discussion, subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
     }
 
     public init() {}
@@ -289,7 +299,12 @@ func runStoppable(_ session: TrainingSession, resume: Bool = false) throws -> Tr
 
 /// The trainer for `config` on `train`, with argument-style errors.
 func makeTrainer(_ config: DINOConfiguration, _ train: ImageDataset) throws -> TeacherStudentTrainer {
-    do { return try TeacherStudentTrainer(configuration: config, train: train) } catch let e as TrainerError { throw ValidationError(e.problem) }
+    let objective = try KappaCommand.makeObjective?(config)
+    do {
+        return try TeacherStudentTrainer(configuration: config, objective: objective, train: train)
+    } catch let e as TrainerError {
+        throw ValidationError(e.problem)
+    }
 }
 
 struct Train: ParsableCommand {
@@ -307,7 +322,7 @@ struct Train: ParsableCommand {
         let (train, test) = try data.load(seed: common.seed)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
                                              mixedPolarity: data.isBuiltin)
-        let method = model.resolvedMethod.rawValue
+        let method = KappaCommand.objectiveName ?? model.resolvedMethod.rawValue
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: try Evaluator(reference: train, test: test),
                                       output: common.output)

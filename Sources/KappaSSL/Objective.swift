@@ -158,25 +158,33 @@ public final class TeacherStudentNetworks {
     /// The student's head logits ⟨w_k, y⟩ [B, K] for each view, with gradients. Views of one
     /// shape go through the networks as one batch (BatchNorm sees them together, as in DINO).
     public func studentLogits(_ views: [Tensor]) -> [Tensor] {
-        Self.logits(student, studentHead, views)
+        Self.forward(student, studentHead, views).logits
+    }
+
+    /// The student's backbone features [B, D] and head logits [B, K] for each view, from one
+    /// forward pass (for a loss that also acts on the features, as DINOv2's KoLeo term does).
+    public func studentForward(_ views: [Tensor]) -> (features: [Tensor], logits: [Tensor]) {
+        Self.forward(student, studentHead, views)
     }
 
     /// The teacher's head logits for each view, without gradients.
     public func teacherLogits(_ views: [Tensor]) -> [Tensor] {
-        withoutGradients { Self.logits(teacher, teacherHead, views) }
+        withoutGradients { Self.forward(teacher, teacherHead, views).logits }
     }
 
-    static func logits(_ encoder: FeatureEncoder, _ head: DINOHead, _ views: [Tensor]) -> [Tensor] {
-        var outputs: [Tensor] = []
+    static func forward(_ encoder: FeatureEncoder, _ head: DINOHead, _ views: [Tensor]) -> (features: [Tensor], logits: [Tensor]) {
+        var features: [Tensor] = [], logits: [Tensor] = []
         var i = 0
         while i < views.count {
             var j = i
             while j < views.count && views[j].shape == views[i].shape { j += 1 }
             let group = Array(views[i..<j])
-            let logits = head(encoder.features(Tensor.concat(group, alongAxis: 0))).logits
-            outputs += logits.split(sizes: group.map { $0.shape[0] }, alongAxis: 0)
+            let sizes = group.map { $0.shape[0] }
+            let f = encoder.features(Tensor.concat(group, alongAxis: 0))
+            features += f.split(sizes: sizes, alongAxis: 0)
+            logits += head(f).logits.split(sizes: sizes, alongAxis: 0)
             i = j
         }
-        return outputs
+        return (features, logits)
     }
 }

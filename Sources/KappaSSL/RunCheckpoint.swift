@@ -8,6 +8,10 @@ import KappaNN
 public enum RunCheckpoint {
     /// The metadata key of the configuration inside ``TrainingState/configuration``.
     static let configurationKey = "dino"
+    /// The metadata key of the objective's type name.
+    static let objectiveKey = "objective"
+
+    static func objectiveName(_ o: SelfSupervisedObjective) -> String { String(describing: type(of: o)) }
 
     /// Saves the whole run.
     public static func save(_ trainer: TeacherStudentTrainer, to url: URL) throws {
@@ -17,7 +21,8 @@ public enum RunCheckpoint {
                                     teacher: StudentTeacherPair(n.teacher, n.teacherHead), optimizer: trainer.optimizer,
                                     extra: trainer.objective.state,
                                     state: TrainingState(step: trainer.step, epoch: trainer.epoch, generator: trainer.generator,
-                                                         configuration: [configurationKey: config]))
+                                                         configuration: [configurationKey: config,
+                                                                         objectiveKey: objectiveName(trainer.objective)]))
     }
 
     /// Restores a run saved by ``save(_:to:)`` into a trainer made with the same
@@ -29,8 +34,12 @@ public enum RunCheckpoint {
             throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))")
         }
         let n = trainer.networks
-        // Check the objective's state before anything is loaded.
-        let (tensors, _) = try SafeTensors.read(url)
+        // Check the objective and its state before anything is loaded.
+        let (tensors, meta) = try SafeTensors.read(url)
+        if let json = meta["kappa.training_state"], let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
+           let saved = state.configuration[objectiveKey], saved != objectiveName(trainer.objective) {
+            throw CheckpointError(path: url.path, problem: "it was written by a run of \(saved), not \(objectiveName(trainer.objective))")
+        }
         var extra: [String: Tensor] = [:]
         for (name, t) in tensors where name.hasPrefix("extra.") { extra[String(name.dropFirst(6))] = t }
         for (name, t) in trainer.objective.state {

@@ -124,10 +124,13 @@ struct GradientTests {
         #expect(x.grad!.doubles == [0, 0, 0, 0, 0, 0])
     }
 
-    @Test func maxGradientGoesToFirstExtremum() {
+    @Test func maxGradientIsSharedAmongTiesOverAllAxes() {
         let x = Tensor([1.0, 5, 5, 2]).requiringGrad()
         x.max().backward()
-        #expect(x.grad!.doubles == [0, 1, 0, 0])
+        #expect(x.grad!.doubles == [0, 0.5, 0.5, 0])
+        let y = Tensor([1.0, 5, 5, 2]).requiringGrad()
+        y.max(alongAxis: 0).backward()
+        #expect(y.grad!.doubles == [0, 1, 0, 0])
     }
 
     // MARK: Softmax family
@@ -376,5 +379,40 @@ extension Tensor {
         let mu = mean(alongAxes: [-1], keepingDims: true)
         let d = self - mu
         return d / ((d * d).mean(alongAxes: [-1], keepingDims: true) + 1e-5).sqrt()
+    }
+}
+
+/// Subgradients at kinks and ties, as PyTorch 2.15 gives them (values read off
+/// `torch.clamp`, `torch.max`, `torch.amax` in Float64 on these inputs).
+@Suite("Kinks and ties follow PyTorch")
+struct KinkTests {
+    func grad(_ x: [Double], shape: [Int]? = nil, _ f: (Tensor) -> Tensor) -> [Double] {
+        let t = Tensor(x, shape: shape ?? [x.count]).requiringGrad()
+        f(t).sum().backward()
+        return t.grad!.scalars(as: Double.self)
+    }
+
+    @Test func clampPassesTheGradientOnlyInsideTheInterval() {
+        let below: [Double] = grad([0, 1, 2]) { $0.clamped(min: 1) }
+        #expect(below == [0, 0, 1])
+        let above: [Double] = grad([0, 1, 2]) { $0.clamped(max: 1) }
+        #expect(above == [1, 0, 0])
+        let both: [Double] = grad([0, 1, 1.2, 1.5, 2]) { $0.clamped(min: 1, max: 1.5) }
+        #expect(both == [0, 0, 1, 0, 0])
+    }
+
+    @Test func reductionsOverAxesShareTiesAndAlongOneAxisPickTheFirst() {
+        let x: [Double] = [1, 3, 3, 0], y: [Double] = [3, 3, 1, 0], z: [Double] = [0, 0, 2, 0]
+        let all: [Double] = grad(x, shape: [2, 2]) { $0.max() }                  // torch.max(x), amax
+        #expect(all == [0, 0.5, 0.5, 0])
+        let both: [Double] = grad(x, shape: [2, 2]) { $0.max(alongAxes: [0, 1]) }
+        #expect(both == [0, 0.5, 0.5, 0])
+        let rows: [Double] = grad(y, shape: [2, 2]) { $0.max(alongAxes: [1]) }  // amax(dim=1)
+        #expect(rows == [0.5, 0.5, 1, 0])
+        let first: [Double] = grad(y, shape: [2, 2]) { $0.max(alongAxis: 1) }   // max(dim=1)
+        #expect(first == [1, 0, 1, 0])
+        let third = 1.0 / 3
+        let minima: [Double] = grad(z, shape: [2, 2]) { $0.min(alongAxes: nil) }
+        #expect(minima == [third, third, 0, third])
     }
 }

@@ -179,7 +179,8 @@ enum Softplus: UnaryFunction {
 /// min(max(x, a), b); gradient 1 on [a, b] (both ends included, as PyTorch), 0 outside.
 enum Clamp: UnaryFunction {
     static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T { x.isNaN ? x : Swift.min(Swift.max(x, a), b) }
-    static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { x >= a && x <= b ? 1 : 0 }
+    // As PyTorch 2.15: the gradient passes strictly inside (a, b), 0 at the bounds.
+    static func derivative<T: TensorScalar>(_ x: T, _ y: T, _ a: T, _ b: T) -> T { x > a && x < b ? 1 : 0 }
 }
 /// The sign, −1, 0 or 1 (no gradient).
 enum Sign: UnaryFunction {

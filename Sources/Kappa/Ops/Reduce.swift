@@ -173,23 +173,25 @@ extension Tensor {
         return out
     }
 
-    /// The maximum over `axes` (all when `nil`). The gradient goes to the first position
-    /// attaining the maximum.
+    /// The maximum over `axes` (all when `nil`), as PyTorch's `amax`/`max()`: the gradient is
+    /// shared equally among the positions that attain the maximum.
     public func max(alongAxes axes: [Int]? = nil, keepingDims: Bool = false) -> Tensor {
         extremum(axes, keepingDims, max: true)
     }
 
-    /// The minimum over `axes` (all when `nil`); the gradient goes to the first minimum.
+    /// The minimum over `axes` (all when `nil`), as PyTorch's `amin`/`min()`: the gradient is
+    /// shared equally among the minima.
     public func min(alongAxes axes: [Int]? = nil, keepingDims: Bool = false) -> Tensor {
         extremum(axes, keepingDims, max: false)
     }
 
-    /// The maximum along one axis.
+    /// The maximum along one axis, as `torch.max(x, dim)`: the gradient goes to the first
+    /// position attaining it (the one ``argmax(alongAxis:keepingDims:)`` names).
     public func max(alongAxis axis: Int, keepingDims: Bool = false) -> Tensor {
         extremumAlong(axis, keepingDims, max: true).values
     }
 
-    /// The minimum along one axis.
+    /// The minimum along one axis, as `torch.min(x, dim)`: the gradient goes to the first minimum.
     public func min(alongAxis axis: Int, keepingDims: Bool = false) -> Tensor {
         extremumAlong(axis, keepingDims, max: false).values
     }
@@ -211,12 +213,31 @@ extension Tensor {
         let op = max ? "max" : "min"
         let ax = axes.map { normalizeAxes($0, rank: rank, op: op, shape: shape) } ?? Array(0..<rank)
         if ax.isEmpty { return self }
-        if ax.count == 1 { return extremumAlong(ax[0], keepingDims, max: max).values }
-        // Several axes: move them last, merge them, and reduce the merged axis.
+        // Move the axes last and merge them, then reduce the merged axis with the gradient
+        // shared among ties.
         let keptAxes = (0..<rank).filter { !ax.contains($0) }
         let merged = permuted(keptAxes + ax).reshape(keptAxes.map { shape[$0] } + [ax.reduce(1) { $0 * shape[$1] }])
-        let v = merged.extremumAlong(merged.rank - 1, false, max: max).values
+        let v = merged.extremumSharingTies(max: max)
         return v.reshape(ReductionShapes(shape, axes: ax, keepingDims: keepingDims, op: op).result)
+    }
+
+    /// The extremum along the last axis; the VJP gives each of the r positions that attain it g/r.
+    private func extremumSharingTies(max: Bool) -> Tensor {
+        let op = max ? "max" : "min"
+        let n = shape[rank - 1]
+        precondition(n > 0, "\(op): cannot reduce an empty axis of shape \(shape)")
+        return Tensor.custom(op, [self], forward: { t in
+            let v = t[0].extremumAlong(t[0].rank - 1, false, max: max).values
+            return ([v], [t[0].contiguousData(), v])
+        }, vjp: { g, r in
+            let (x, v) = (r[0], r[1])
+            let gx = Tensor.zeros(x.shape, dtype: x.dtype)
+            switch x.dtype {
+            case .float32: shareAmongTies(x, v, g[0].contiguousData(), gx, n, Float.self)
+            case .float64: shareAmongTies(x, v, g[0].contiguousData(), gx, n, Double.self)
+            }
+            return [gx]
+        })[0]
     }
 
     private func extremumAlong(_ axis: Int, _ keepingDims: Bool, max: Bool) -> (values: Tensor, indices: Tensor) {
@@ -240,6 +261,19 @@ extension Tensor {
             return [gx]
         }
         return (values, indices)
+    }
+}
+
+/// gx[i, j] = g[i] / (number of j′ with x[i, j′] = v[i]) where x[i, j] = v[i], for rows of n.
+private func shareAmongTies<T: TensorScalar>(_ x: Tensor, _ v: Tensor, _ g: Tensor, _ gx: Tensor, _ n: Int, _: T.Type) {
+    let px = x.pointer(T.self), pv = v.contiguousData().pointer(T.self), pg = g.pointer(T.self), po = gx.pointer(T.self)
+    for i in 0..<(x.count / n) {
+        let row = px + i * n, m = pv[i]
+        var ties = 0
+        for j in 0..<n where row[j] == m { ties += 1 }
+        guard ties > 0 else { continue }  // a NaN extremum: no position equals it
+        let share = pg[i] / T(ties)
+        for j in 0..<n where row[j] == m { po[i * n + j] = share }
     }
 }
 
