@@ -19,7 +19,7 @@ import KappaNN
 import KappaSSL
 
 /// DINO-vMF's loss plus λ times the KoLeo term of the global views' backbone features.
-final class KoLeoDINO: SelfSupervisedObjective {
+final class KoLeoDINO: SelfSupervisedObjective, CustomStringConvertible {
     let dino: DINOLoss
     let weight: Double
 
@@ -54,6 +54,9 @@ final class KoLeoDINO: SelfSupervisedObjective {
                                        LoggedScalar("koleoLoss", label: "koleo", koleo.item())],
                                monitors: r.monitors)
     }
+
+    /// What checkpoints record: a run resumes only under the same λ.
+    var description: String { "KoLeoDINO(weight: \(weight))" }
 
     // The center is the only state; KoLeo keeps none.
     var state: [(name: String, tensor: Tensor)] { dino.state() }

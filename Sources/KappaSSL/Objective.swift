@@ -36,6 +36,10 @@ public protocol SelfSupervisedObjective: AnyObject {
     /// queue) updates it here.
     func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput
 
+    // An objective with settings of its own (a weight) should conform to
+    // CustomStringConvertible and name them: checkpoints record the description and refuse to
+    // resume under another.
+
     /// The state the objective keeps across steps (centers, queues, running statistics), by
     /// name: saved in checkpoints and given back to ``loadState(_:)`` on resume, without the
     /// trainer knowing what it is. Empty for a stateless objective.

@@ -11,7 +11,10 @@ public enum RunCheckpoint {
     /// The metadata key of the objective's type name.
     static let objectiveKey = "objective"
 
-    static func objectiveName(_ o: SelfSupervisedObjective) -> String { String(describing: type(of: o)) }
+    /// The objective's description when it has one (it should name its own settings), else its type.
+    static func objectiveName(_ o: SelfSupervisedObjective) -> String {
+        (o as? CustomStringConvertible)?.description ?? String(describing: type(of: o))
+    }
 
     /// Saves the whole run.
     public static func save(_ trainer: TeacherStudentTrainer, to url: URL) throws {
