@@ -7,4 +7,5 @@ import KappaCommands
 KappaCommand.name = "DINOvMF"
 KappaCommand.defaultMethod = .dinoVMF
 HostSetup.useFastestBLASKernels()
+HostSetup.applyFaultInjection()
 KappaCommand.main()

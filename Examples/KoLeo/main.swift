@@ -88,4 +88,5 @@ KappaCommand.makeObjective = { c in
     return KoLeoDINO(configuration: c, weight: weight)
 }
 HostSetup.useFastestBLASKernels()
+HostSetup.applyFaultInjection()
 KappaCommand.main(arguments)

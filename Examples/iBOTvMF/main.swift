@@ -7,4 +7,5 @@ import KappaCommands
 KappaCommand.name = "iBOTvMF"
 KappaCommand.defaultMethod = .ibotVMF
 HostSetup.useFastestBLASKernels()
+HostSetup.applyFaultInjection()
 KappaCommand.main()

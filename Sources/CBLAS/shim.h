@@ -1,4 +1,3 @@
-// The C interfaces Kappa calls: CBLAS (matrix products) and LAPACKE (dense factorizations),
-// both provided by OpenBLAS on Debian (`libopenblas-dev`, `liblapacke-dev`).
+// The C interface Kappa calls: CBLAS (matrix products), provided by OpenBLAS on Debian
+// (`libopenblas-dev`).
 #include <cblas.h>
-#include <lapacke.h>

@@ -1,5 +1,6 @@
 import Foundation
 import Kappa
+import KappaNN
 
 /// Start-up of the command-line programs (not of the library, which reads no environment
 /// variables): the BLAS kernels for this CPU.
@@ -18,5 +19,13 @@ public enum HostSetup {
         execv("/proc/self/exe", CommandLine.unsafeArgv)
         // execv returns only on failure: go on with the kernels OpenBLAS chose.
         unsetenv("OPENBLAS_CORETYPE")
+    }
+
+    /// Reads `KAPPA_FAULT_WRITE_DELAY_MS` (milliseconds) into ``FaultInjection/checkpointWriteDelay``:
+    /// the crash tests set it to widen each checkpoint write. The library reads no environment.
+    public static func applyFaultInjection() {
+        if let ms = ProcessInfo.processInfo.environment["KAPPA_FAULT_WRITE_DELAY_MS"].flatMap({ UInt32($0) }) {
+            FaultInjection.checkpointWriteDelay = ms * 1000
+        }
     }
 }

@@ -1,8 +1,9 @@
 import Foundation
 import Kappa
 
-/// A file that could not be read or written, with the path and the first problem found.
-public struct CheckpointError: Error, CustomStringConvertible, Equatable {
+/// A file that cannot be read or written as asked: the path and what is wrong with it. Every
+/// reader and writer of Kappa (checkpoints, datasets, metrics) throws this one type.
+public struct FileError: Error, CustomStringConvertible, Equatable {
     public let path: String
     public let problem: String
     public var description: String { "\(path): \(problem)" }
@@ -12,6 +13,9 @@ public struct CheckpointError: Error, CustomStringConvertible, Equatable {
         self.problem = problem
     }
 }
+
+/// The errors of checkpoint files (``FileError``).
+public typealias CheckpointError = FileError
 
 /// The safetensors format (Hugging Face): an 8-byte little-endian header length, a JSON
 /// header mapping each name to its dtype, shape and byte offsets (plus an optional
@@ -287,9 +291,15 @@ func atomicWrite(_ bytes: [UInt8], to url: URL) throws {
     }
 }
 
-/// Microseconds to pause inside every atomic write, from `KAPPA_FAULT_WRITE_DELAY_MS`: fault
-/// injection for the crash tests (0, no pause, unless set).
-let writeDelay: UInt32 = ProcessInfo.processInfo.environment["KAPPA_FAULT_WRITE_DELAY_MS"].flatMap { UInt32($0) }.map { $0 * 1000 } ?? 0
+/// Fault injection for crash tests; the library itself never sets it.
+public enum FaultInjection {
+    /// Microseconds to pause in the middle of every checkpoint write and before its rename
+    /// (0: no pause). The commands set it from `KAPPA_FAULT_WRITE_DELAY_MS`
+    /// (`HostSetup.applyFaultInjection()`), so that a crash test can kill a run mid-write.
+    nonisolated(unsafe) public static var checkpointWriteDelay: UInt32 = 0
+}
+
+var writeDelay: UInt32 { FaultInjection.checkpointWriteDelay }
 
 /// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), table-driven.
 func crc32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {

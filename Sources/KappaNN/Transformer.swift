@@ -115,7 +115,10 @@ public final class VisionTransformer: Module {
     }
 
     /// The positional embedding for an h×w grid of patches: the learned grid resized
-    /// bicubically when it differs (DINO's `interpolate_pos_encoding`).
+    /// bicubically to exactly h×w when it differs, as `interpolate(size=(h, w))` (DINOv2's and
+    /// timm's form of `interpolate_pos_encoding`). DINO v1 passes
+    /// `scale_factor=(h + 0.1)/√N` instead, whose sampling positions differ from these by up
+    /// to about 5% of a patch (at 4 → 7 patches); Kappa does not reproduce that offset.
     public func positionEmbedding(gridHeight h: Int, gridWidth w: Int) -> Tensor {
         let n = positionEmbedding.shape[1] - 1, g0 = configuration.imageSize / configuration.patchSize
         if h == g0 && w == g0 { return positionEmbedding }

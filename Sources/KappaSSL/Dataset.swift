@@ -1,5 +1,6 @@
 import Foundation
 import Kappa
+import KappaNN
 
 /// Images as Float32 values in [0, 1], laid out [N, C, H, W], with optional integer labels.
 public struct ImageDataset: Sendable {
@@ -41,11 +42,8 @@ public struct ImageDataset: Sendable {
 }
 
 /// A dataset file that is malformed, truncated or of an unknown kind.
-public struct DatasetError: Error, CustomStringConvertible, Equatable {
-    public let path: String
-    public let problem: String
-    public var description: String { "\(path): \(problem)" }
-}
+/// The errors of dataset files (KappaNN's `FileError`, the type every reader throws).
+public typealias DatasetError = FileError
 
 // MARK: The built-in procedural dataset
 

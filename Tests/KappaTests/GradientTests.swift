@@ -1,3 +1,4 @@
+import Foundation
 import Kappa
 import Testing
 
@@ -414,5 +415,61 @@ struct KinkTests {
         let third = 1.0 / 3
         let minima: [Double] = grad(z, shape: [2, 2]) { $0.min(alongAxes: nil) }
         #expect(minima == [third, third, 0, third])
+    }
+}
+
+/// Pooling and resize options checked against PyTorch 2.15 (values and VJPs in Float64, from
+/// `Scripts/torch_reference.py`, committed as `torch_reference.json`).
+@Suite("Pooling and resize options as PyTorch")
+struct TorchOptionTests {
+    struct Reference: Decodable {
+        struct Data: Decodable { let shape: [Int]; let values: [Double] }
+        struct Case: Decodable {
+            let op: String
+            let args: [String: Arg]
+            let shape: [Int]
+            let values: [Double], outputGradient: [Double], inputGradient: [Double]
+        }
+        enum Arg: Decodable {
+            case int(Int), bool(Bool), string(String)
+            init(from decoder: Decoder) throws {
+                let c = try decoder.singleValueContainer()
+                if let b = try? c.decode(Bool.self) { self = .bool(b) } else if let i = try? c.decode(Int.self) { self = .int(i) }
+                else { self = .string(try c.decode(String.self)) }
+            }
+            var int: Int { if case .int(let i) = self { return i }; return -1 }
+            var bool: Bool { if case .bool(let b) = self { return b }; return false }
+            var string: String { if case .string(let s) = self { return s }; return "" }
+        }
+        let input: Data
+        let cases: [Case]
+    }
+
+    @Test func poolingAndResizeOptionsMatchPyTorch() throws {
+        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("torch_reference.json")
+        let reference = try JSONDecoder().decode(Reference.self, from: Foundation.Data(contentsOf: url))
+        for c in reference.cases {
+            let x = Tensor(reference.input.values, shape: reference.input.shape).requiringGrad()
+            let a = c.args
+            func size(_ key: String) -> Size2 { Size2(a[key]!.int, a[key]!.int) }
+            let y: Tensor
+            switch c.op {
+            case "maxPool2d":
+                y = x.maxPool2d(kernel: size("kernel"), stride: size("stride"), padding: size("padding"),
+                                ceilMode: a["ceilMode"]!.bool)
+            case "avgPool2d":
+                y = x.avgPool2d(kernel: size("kernel"), stride: size("stride"), padding: size("padding"),
+                                ceilMode: a["ceilMode"]!.bool, countIncludePad: a["countIncludePad"]!.bool)
+            default:
+                y = x.resized(height: a["height"]!.int, width: a["width"]!.int, mode: a["mode"]!.string == "bicubic" ? .bicubic : .bilinear,
+                              alignCorners: a["alignCorners"]!.bool)
+            }
+            #expect(y.shape == c.shape, "\(c.op) \(a)")
+            guard y.shape == c.shape else { continue }
+            y.backward(Tensor(c.outputGradient, shape: c.shape))
+            let dv = zip(y.scalars(as: Double.self), c.values).map { Swift.abs($0 - $1) }.max() ?? 0
+            let dg = zip(x.grad!.scalars(as: Double.self), c.inputGradient).map { Swift.abs($0 - $1) }.max() ?? 0
+            #expect(dv <= 1e-15 && dg <= 1e-15, "\(c.op) \(a): values within \(dv), VJP within \(dg)")
+        }
     }
 }

@@ -15,12 +15,12 @@ public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
     public init(integerLiteral v: Int) { self.init(v, v) }
 }
 
-/// Interpolation for ``Tensor/resized(height:width:mode:)``.
+/// Interpolation for ``Tensor/resized(height:width:mode:alignCorners:)``.
 public enum ResizeMode: Sendable {
-    /// Linear in each axis, 2×2 taps (PyTorch `bilinear`, `align_corners=False`).
+    /// Linear in each axis, 2×2 taps (PyTorch `bilinear`).
     case bilinear
     /// Cubic convolution with a = −0.75, 4×4 taps clamped at the borders (PyTorch
-    /// `bicubic`, `align_corners=False`; DINO resizes positional embeddings with it).
+    /// `bicubic`; DINO resizes positional embeddings with it).
     case bicubic
 }
 
@@ -70,10 +70,12 @@ extension Tensor {
     }
 
     /// The maximum over kernel×kernel windows (padding counts as −∞). The gradient goes
-    /// to the first maximum of each window and accumulates where windows overlap.
-    public func maxPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
+    /// to the first maximum of each window and accumulates where windows overlap. With
+    /// `ceilMode` the output size rounds up, so a last partial window is kept when it starts
+    /// inside the input or its left padding (PyTorch's `ceil_mode=True`).
+    public func maxPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0, ceilMode: Bool = false) -> Tensor {
         let (b, c, h, w) = checkImage("maxPool2d")
-        let win = poolWindows("maxPool2d", kernel, stride, padding)
+        let win = poolWindows("maxPool2d", kernel, stride, padding, ceilMode: ceilMode)
         let (oh, ow) = (win.rows.count, win.cols.count)
         let x = contiguousData()
         let out = Tensor(uninitialized: [b, c, oh, ow], dtype: dtype)
@@ -95,20 +97,39 @@ extension Tensor {
         return out
     }
 
-    /// The mean over kernel×kernel windows; zero padding counts in the divisor
-    /// (PyTorch's `count_include_pad=True`).
-    public func avgPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0) -> Tensor {
-        let win = poolWindows("avgPool2d", kernel, stride, padding)
-        let area = Double(kernel.height * kernel.width)
-        return windowMean("avgPool2d", rows: win.rows, cols: win.cols) { _, _ in area }
+    /// The mean over kernel×kernel windows, as PyTorch's `avg_pool2d`: with `countIncludePad`
+    /// (the default) the zero padding counts in the divisor, else only the input's pixels do;
+    /// `ceilMode` as in ``maxPool2d(kernel:stride:padding:ceilMode:)`` (a window reaching past
+    /// the padding divides by its part within the padded input).
+    public func avgPool2d(kernel: Size2, stride: Size2? = nil, padding: Size2 = 0, ceilMode: Bool = false,
+                          countIncludePad: Bool = true) -> Tensor {
+        let win = poolWindows("avgPool2d", kernel, stride, padding, ceilMode: ceilMode)
+        let (h, w) = (shape[2], shape[3])
+        func extent(_ start: Int, _ k: Int, _ n: Int, _ p: Int) -> Int {
+            countIncludePad ? Swift.min(start + k, n + p) - start : Swift.min(start + k, n) - Swift.max(start, 0)
+        }
+        let s = stride ?? kernel
+        return windowMean("avgPool2d", rows: win.rows, cols: win.cols) { i, j in
+            Double(extent(i * s.height - padding.height, kernel.height, h, padding.height)
+                   * extent(j * s.width - padding.width, kernel.width, w, padding.width))
+        }
     }
 
     /// The windows of a pooling op (stride defaults to the kernel), checked against the input.
-    private func poolWindows(_ op: String, _ kernel: Size2, _ stride: Size2?, _ padding: Size2) -> PoolWindows {
+    private func poolWindows(_ op: String, _ kernel: Size2, _ stride: Size2?, _ padding: Size2, ceilMode: Bool) -> PoolWindows {
         let (_, _, h, w) = checkImage(op)
         let s = stride ?? kernel
-        let oh = outputSize(h, kernel.height, s.height, padding.height, 1)
-        let ow = outputSize(w, kernel.width, s.width, padding.width, 1)
+        precondition(s.height > 0 && s.width > 0 && kernel.height > 0 && kernel.width > 0 && padding.height >= 0 && padding.width >= 0,
+                     "\(op): kernel \(kernel.height)×\(kernel.width), stride \(s.height)×\(s.width), padding \(padding.height)×\(padding.width): kernel and stride must be positive, padding not negative")
+        func size(_ n: Int, _ k: Int, _ s: Int, _ p: Int) -> Int {
+            let span = n + 2 * p - k
+            guard span >= 0 else { return 0 }
+            guard ceilMode else { return span / s + 1 }
+            var o = (span + s - 1) / s + 1
+            if (o - 1) * s >= n + p { o -= 1 }  // the last window must start inside the input or its left padding
+            return o
+        }
+        let oh = size(h, kernel.height, s.height, padding.height), ow = size(w, kernel.width, s.width, padding.width)
         precondition(oh > 0 && ow > 0 && padding.height * 2 <= kernel.height && padding.width * 2 <= kernel.width,
                      "\(op): kernel \(kernel.height)×\(kernel.width) with padding \(padding.height)×\(padding.width) does not fit input \(shape)")
         return PoolWindows(h: h, w: w, oh: oh, ow: ow, kernel: kernel, stride: s, padding: padding)
@@ -154,11 +175,14 @@ extension Tensor {
         return out
     }
 
-    /// The image batch resized to height × width by interpolation (`align_corners=False`).
-    public func resized(height: Int, width: Int, mode: ResizeMode = .bilinear) -> Tensor {
+    /// The image batch resized to height × width by interpolation, as PyTorch's `interpolate`
+    /// with `size=`: with `alignCorners` false (the default) pixels are squares and output
+    /// pixel o samples the input at (o + ½)·in/out − ½; with `alignCorners` true the corner
+    /// pixels' centers coincide and o samples at o·(in − 1)/(out − 1).
+    public func resized(height: Int, width: Int, mode: ResizeMode = .bilinear, alignCorners: Bool = false) -> Tensor {
         let (b, c, h, w) = checkImage("resize")
         precondition(height > 0 && width > 0, "resize: output size \(height)×\(width) is not positive")
-        let ty = resizeTaps(h, height, mode), tx = resizeTaps(w, width, mode)
+        let ty = resizeTaps(h, height, mode, alignCorners: alignCorners), tx = resizeTaps(w, width, mode, alignCorners: alignCorners)
         let x = contiguousData()
         let out = Tensor(uninitialized: [b, c, height, width], dtype: dtype)
         switch dtype {
@@ -512,12 +536,13 @@ struct ResizeTaps {
     let weight: [Double]
 }
 
-func resizeTaps(_ n: Int, _ m: Int, _ mode: ResizeMode) -> ResizeTaps {
+func resizeTaps(_ n: Int, _ m: Int, _ mode: ResizeMode, alignCorners: Bool = false) -> ResizeTaps {
     let scale = Double(n) / Double(m)
     var index: [Int] = [], weight: [Double] = []
     func clampIndex(_ i: Int) -> Int { Swift.min(Swift.max(i, 0), n - 1) }
     for o in 0..<m {
-        var src = (Double(o) + 0.5) * scale - 0.5
+        // As PyTorch's area_pixel_compute_source_index: the scale first, then times the index.
+        var src = alignCorners ? (m > 1 ? Double(n - 1) / Double(m - 1) * Double(o) : 0) : (Double(o) + 0.5) * scale - 0.5
         switch mode {
         case .bilinear:
             src = Swift.max(src, 0)
