@@ -1,7 +1,8 @@
 // The supervised reference for the built-in shapes: the backbones of DINOvMF trained with the
-// labels (cross-entropy on a linear classifier, the views of the small-image preset), with
-// the same kNN evaluation on the same split as DINOvMF's reports. It shows what these
-// features can reach when the signal is the label instead of a self-supervised target:
+// labels (cross-entropy on a linear classifier, the views of the small-image preset), through
+// the same training loop as every self-supervised method, with the same kNN evaluation on the
+// same split as DINOvMF's reports. It shows what these features can reach when the signal is
+// the label instead of a self-supervised target:
 //
 //     swift run -c release Supervised                      # ResNet-8, 2 epochs
 //     swift run -c release Supervised --backbone vit-micro --epochs 3
@@ -12,58 +13,71 @@ import KappaNN
 import KappaCommands
 import KappaSSL
 
+/// Cross-entropy of a linear classifier on the student's features of the first global view.
+/// The classifier is the objective's own module: the trainer optimizes and saves it with the
+/// student. The teacher and the head are carried along unused.
+final class LabelObjective: SelfSupervisedObjective {
+    let classifier: Linear
+    init(features: Int, classes: Int, seed: UInt64) {
+        var g = RandomGenerator(seed: seed ^ 0xC1A5)
+        classifier = Linear(features, classes, using: &g)
+    }
+    var module: Module? { classifier }
+
+    func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
+        guard let labels = batch.labels else { preconditionFailure("LabelObjective: the dataset has no labels") }
+        let logits = classifier(networks.student.features(batch.views[0]))
+        let predicted = withoutGradients { logits.argmax(alongAxis: 1).scalars(as: Double.self) }
+        let accuracy = Double(zip(predicted, labels).filter { Int($0) == $1 }.count) / Double(labels.count)
+        return ObjectiveOutput(loss: Tensor.crossEntropy(logits: logits, labels: labels),
+                               monitors: [LoggedScalar("trainingAccuracy", label: "accuracy", accuracy, format: "%.3f")])
+    }
+
+    var state: [(name: String, tensor: Tensor)] { [] }
+    func loadState(_ tensors: [String: Tensor]) throws {}
+}
+
 struct Supervised: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Train DINOvMF's backbone with labels on the built-in shapes and report kNN accuracy each epoch.")
 
-    enum Backbone: String, ExpressibleByArgument, CaseIterable { case resnet, vitMicro = "vit-micro" }
     @Option(help: "resnet (width 8, DINOvMF's default) or vit-micro (64 wide, 4 deep, patch 7).")
-    var backbone: Backbone = .resnet
+    var backbone: BackbonePreset = .resnet
     @Option(help: "Epochs over the 8,000 training images.")
     var epochs = 2
-    @Option(help: "AdamW learning rate.")
+    @Option(help: "AdamW learning rate (constant).")
     var lr = 1e-3
     @Option(help: "Threads for kernels and BLAS (default: all cores).")
     var threads: Int?
 
     func validate() throws {
-        guard epochs >= 1, lr > 0, (threads ?? 1) >= 1 else { throw ValidationError("--epochs and --threads must be at least 1, --lr positive") }
+        guard epochs >= 1, lr > 0, lr.isFinite, (threads ?? 1) >= 1 else { throw ValidationError("--epochs and --threads must be at least 1, --lr positive") }
+        guard backbone == .resnet || backbone == .vitMicro else { throw ValidationError("--backbone must be resnet or vit-micro") }
     }
 
     func run() throws {
         if let threads { Threads.count = threads }
         // The split of DINOvMF's default run.
         let (train, test) = ShapesDataset.splits(train: 8000, evaluation: 2000, seed: 0)
-        var g = RandomGenerator(seed: 0)
-        let encoder = (backbone == .resnet ? DINOConfiguration().backbone : .vit(.refMicro)).make(using: &g)
-        let classifier = Linear(encoder.featureCount, ShapesDataset.classNames.count, using: &g)
-        let optimizer = AdamW(groups: [ParameterGroup(name: "all", parameters: encoder.namedParameters() + classifier.namedParameters(),
-                                                      learningRate: lr, weightDecay: 0.01)])
-        var views = MultiCropAugmentation.smallImages
-        views.localCrops = 0
-        func knn() -> Double {
-            encoder.eval()
-            defer { encoder.train() }
-            let a = Evaluation.features(of: train) { encoder.features($0) }, b = Evaluation.features(of: test) { encoder.features($0) }
-            return Evaluation.accuracy(Evaluation.knnPredict(train: a, trainLabels: train.labels!, test: b, classes: 10), test.labels!)
-        }
-        print(String(format: "supervised %@ on %@: kNN (k=20, T=0.07) at initialization %.2f%%", backbone.rawValue, train.source, 100 * knn()))
+        var c = try DINOConfiguration.preset(method: .dinoVMF, backbone: backbone)
+        c.augmentation = .smallImages
+        c.augmentation.localCrops = 0
+        (c.epochs, c.warmupEpochs, c.freezeLastLayerEpochs, c.clipGradient) = (epochs, 0, 0, .infinity)
+        (c.baseLearningRate, c.minLearningRate) = (lr * 256 / Double(c.batchSize), lr)
+        (c.weightDecay, c.weightDecayEnd) = (0.01, 0.01)
+        let objective = LabelObjective(features: c.backbone.featureCount,
+                                       classes: ShapesDataset.classNames.count, seed: c.seed)
+        let trainer = try TeacherStudentTrainer(configuration: c, objective: objective, train: train)
+        let evaluator = try Evaluator(reference: train, test: test)
+        let normalization = (c.augmentation.mean, c.augmentation.std)
+        print(String(format: "supervised %@ on %@: kNN (k=20, T=0.07) at initialization %.2f%%", backbone.rawValue, train.source,
+                     100 * evaluator.knn(trainer.student, normalization: normalization)))
         let start = Date()
-        for epoch in 0..<epochs {
-            let loader = MultiCropLoader(dataset: train, augmentation: views, batchSize: 64, seed: 1, epoch: epoch)
-            var (correct, seen) = (0, 0)
-            while let batch = loader.next() {
-                let logits = classifier(encoder.features(batch.views[0]))
-                let loss = Tensor.crossEntropy(logits: logits, labels: batch.labels!)
-                optimizer.zeroGrad()
-                loss.backward()
-                optimizer.step()
-                let predicted = logits.argmax(alongAxis: 1).scalars(as: Double.self)
-                correct += zip(predicted, batch.labels!).filter { Int($0) == $1 }.count
-                seen += predicted.count
-            }
-            print(String(format: "epoch %d: training accuracy %.2f%%, kNN %.2f%% (%.1f min)", epoch + 1,
-                         100 * Double(correct) / Double(seen), 100 * knn(), Date().timeIntervalSince(start) / 60))
+        while !trainer.isFinished {
+            var (correct, seen) = (0.0, 0.0)
+            trainer.trainEpoch { s in correct += s["trainingAccuracy"]!; seen += 1 }
+            print(String(format: "epoch %d: training accuracy %.2f%%, kNN %.2f%% (%.1f min)", trainer.epoch, 100 * correct / seen,
+                         100 * evaluator.knn(trainer.student, normalization: normalization), Date().timeIntervalSince(start) / 60))
         }
     }
 }

@@ -14,6 +14,15 @@ public enum BackboneChoice: Codable, Sendable, Equatable {
         }
     }
 
+    /// The width of the features the backbone returns (a ResNet-18 layout doubles its width
+    /// three times: 8 → 64).
+    public var featureCount: Int {
+        switch self {
+        case .vit(let c): return c.width
+        case .resnet(let w, _): return w << 3
+        }
+    }
+
     /// Whether this is a Vision Transformer.
     public var isViT: Bool { if case .vit = self { return true } else { return false } }
 }

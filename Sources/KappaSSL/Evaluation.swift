@@ -184,6 +184,17 @@ public final class Evaluator {
                                 quartileCounts: byNorm.map(\.count))
     }
 
+    /// kNN accuracy of any encoder's features (the student of a supervised run, say), with
+    /// images normalized by `normalization` (mean, std) as the views were.
+    public func knn(_ encoder: FeatureEncoder, normalization: (mean: Double, std: Double)) -> Double {
+        let wasTraining = encoder.isTraining
+        encoder.eval()
+        defer { if wasTraining { encoder.train() } }
+        let fTrain = Evaluation.features(of: reference, normalize: normalization) { encoder.features($0) }
+        let fTest = Evaluation.features(of: test, normalize: normalization) { encoder.features($0) }
+        return Evaluation.accuracy(Evaluation.knnPredict(train: fTrain, trainLabels: trainLabels, test: fTest, classes: classes), testLabels)
+    }
+
     /// kNN on raw pixels and on the randomly initialized backbone of `c` (the student's initialization).
     func baselines(_ c: DINOConfiguration) -> (raw: Double, random: Double) {
         if let b = baselineCache { return b }

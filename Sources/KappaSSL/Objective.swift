@@ -49,6 +49,11 @@ public protocol SelfSupervisedObjective: AnyObject {
     /// missing or of the wrong shape.
     func loadState(_ tensors: [String: Tensor]) throws
 
+    /// Trainable parameters of the objective itself (a classifier, a predictor, prototypes of
+    /// its own), or nil. The trainer optimizes them with the student (DINO's weight-decay
+    /// groups, named `objective.*`), clips them and saves them in checkpoints. Default: nil.
+    var module: Module? { get }
+
     /// Throws when the networks cannot serve this objective (iBOT needs a ViT with a mask
     /// token); the trainer calls it once, before the first step. The default accepts any.
     func check(_ networks: TeacherStudentNetworks) throws
@@ -56,6 +61,7 @@ public protocol SelfSupervisedObjective: AnyObject {
 
 extension SelfSupervisedObjective {
     public func check(_ networks: TeacherStudentNetworks) throws {}
+    public var module: Module? { nil }
 }
 
 /// Why an objective's saved state or its networks do not fit it.

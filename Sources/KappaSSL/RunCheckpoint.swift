@@ -20,7 +20,7 @@ public enum RunCheckpoint {
     public static func save(_ trainer: TeacherStudentTrainer, to url: URL) throws {
         let config = String(decoding: try JSONEncoder().encode(trainer.configuration), as: UTF8.self)
         let n = trainer.networks
-        try TrainingCheckpoint.save(to: url, student: StudentTeacherPair(n.student, n.studentHead),
+        try TrainingCheckpoint.save(to: url, student: StudentTeacherPair(n.student, n.studentHead, trainer.objective.module),
                                     teacher: StudentTeacherPair(n.teacher, n.teacherHead), optimizer: trainer.optimizer,
                                     extra: trainer.objective.state,
                                     state: TrainingState(step: trainer.step, epoch: trainer.epoch, generator: trainer.generator,
@@ -50,7 +50,7 @@ public enum RunCheckpoint {
                 throw CheckpointError(path: url.path, problem: "the objective's state '\(name)' (\(t.shape) \(t.dtype)) is missing or of another shape")
             }
         }
-        let (state, loaded) = try TrainingCheckpoint.load(from: url, student: StudentTeacherPair(n.student, n.studentHead),
+        let (state, loaded) = try TrainingCheckpoint.load(from: url, student: StudentTeacherPair(n.student, n.studentHead, trainer.objective.module),
                                                           teacher: StudentTeacherPair(n.teacher, n.teacherHead), optimizer: trainer.optimizer)
         do { try trainer.objective.loadState(loaded) } catch { throw CheckpointError(path: url.path, problem: "\(error)") }
         (trainer.step, trainer.epoch, trainer.generator) = (state.step, state.epoch, state.generator)
@@ -89,12 +89,13 @@ public enum RunCheckpoint {
     }
 }
 
-/// A backbone and its head as one module, named `backbone.*` and `head.*` in checkpoints.
+/// A backbone and its head (and the objective's own module) as one module, named
+/// `backbone.*`, `head.*` and `objective.*` in checkpoints.
 final class StudentTeacherPair: Module {
     let backbone: Module, head: DINOHead
-    init(_ backbone: Module, _ head: DINOHead) {
-        self.backbone = backbone
-        self.head = head
+    let objective: Module?
+    init(_ backbone: Module, _ head: DINOHead, _ objective: Module? = nil) {
+        (self.backbone, self.head, self.objective) = (backbone, head, objective)
         super.init()
     }
 }

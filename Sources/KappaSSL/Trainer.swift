@@ -104,7 +104,10 @@ public final class TeacherStudentTrainer {
         let lr = c.baseLearningRate * Double(c.batchSize) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
-                                                      decayPrototypeScale: c.decayPrototypeScale, prefix: "head."))
+                                                      decayPrototypeScale: c.decayPrototypeScale, prefix: "head.")
+                          + (self.objective.module.map {
+                              ParameterGroup.dinoGroups($0, learningRate: lr, weightDecay: c.weightDecay, prefix: "objective.")
+                          } ?? []))
         lrSchedule = Schedule.cosine(base: lr, final: c.minLearningRate, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch,
                                      warmupEpochs: c.warmupEpochs)
         wdSchedule = Schedule.cosine(base: c.weightDecay, final: c.weightDecayEnd, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch)
@@ -137,6 +140,7 @@ public final class TeacherStudentTrainer {
         out.loss.backward()
         Gradients.clipPerParameter(networks.student, maxNorm: c.clipGradient)
         Gradients.clipPerParameter(networks.studentHead, maxNorm: c.clipGradient)
+        if let module = objective.module { Gradients.clipPerParameter(module, maxNorm: c.clipGradient) }
         if epoch < c.freezeLastLayerEpochs { networks.studentHead.cancelLastLayerGradients() }
         optimizer.step()
         emaUpdate(teacher: networks.teacher, student: networks.student, momentum: momentumSchedule[it])
@@ -157,7 +161,7 @@ public final class TeacherStudentTrainer {
         // A resumed run skips the batches this epoch already trained on.
         let done = step - epoch * iterationsPerEpoch
         for _ in 0..<done { _ = loader.next() }
-        networks.student.train(); networks.studentHead.train()
+        networks.student.train(); networks.studentHead.train(); objective.module?.train()
         while let batch = loader.next() {
             if shouldStop() { return false }
             let log = step(ObjectiveBatch(views: batch.views, globalCount: 2, labels: batch.labels))

@@ -102,3 +102,56 @@ struct TrainingTests {
         for (a, b) in zip(trainer.objective.state, resumed.objective.state) { #expect(a.tensor.rawBytes() == b.tensor.rawBytes(), "\(a.name)") }
     }
 }
+
+@Suite("Backbone facts")
+struct BackboneFactTests {
+    @Test func featureCountMatchesTheBuiltBackbone() {
+        for choice in [BackboneChoice.resnet(width: 8, channels: 1), .resnet(width: 3, channels: 3), .vit(.refMicro)] {
+            var g = RandomGenerator(seed: 0)
+            #expect(choice.featureCount == choice.make(using: &g).featureCount, "\(choice)")
+        }
+    }
+}
+
+/// An objective with parameters of its own (a linear classifier on the student's features):
+/// the trainer optimizes them, and checkpoints save and restore them as `objective.*`.
+final class ProbeObjective: SelfSupervisedObjective {
+    let classifier: Linear
+    init(features: Int) {
+        var g = RandomGenerator(seed: 9)
+        classifier = Linear(features, 10, using: &g)
+    }
+    var module: Module? { classifier }
+    func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
+        ObjectiveOutput(loss: Tensor.crossEntropy(logits: classifier(networks.student.features(batch.views[0])), labels: batch.labels!))
+    }
+    var state: [(name: String, tensor: Tensor)] { [] }
+    func loadState(_ tensors: [String: Tensor]) throws {}
+}
+
+@Suite("Objectives with parameters of their own")
+struct ObjectiveModuleTests {
+    @Test func objectiveParametersAreTrainedSavedAndRestored() throws {
+        let data = ShapesDataset.make(count: 32, size: 16, seed: 5)
+        var c = tinyConfiguration()
+        c.epochs = 2
+        let trainer = try TeacherStudentTrainer(configuration: c, objective: ProbeObjective(features: c.backbone.featureCount), train: data)
+        let before = trainer.objective.module!.parameters.map { $0.rawBytes() }
+        trainer.trainEpoch()
+        let module = try #require(trainer.objective.module)
+        #expect(zip(before, module.parameters).allSatisfy { $0 != $1.rawBytes() }, "the classifier moved")
+        let url = URL(fileURLWithPath: NSTemporaryDirectory() + "kappa-probe-\(UUID().uuidString).safetensors")
+        try RunCheckpoint.save(trainer, to: url)
+        let names = try SafeTensors.read(url).tensors.map(\.name)
+        #expect(names.contains("student.objective.weight") && names.contains("student.objective.bias"), "\(names.filter { $0.contains("objective") })")
+        #expect(names.contains { $0.hasPrefix("optimizer.") && $0.hasSuffix("objective.weight") }, "AdamW's moments of the classifier")
+        let resumed = try TeacherStudentTrainer(configuration: c, objective: ProbeObjective(features: c.backbone.featureCount), train: data)
+        try RunCheckpoint.restore(resumed, from: url)
+        trainer.trainEpoch()
+        resumed.trainEpoch()
+        for (a, b) in zip(module.parameters, resumed.objective.module!.parameters) { #expect(a.rawBytes() == b.rawBytes()) }
+        // A DINO trainer refuses the checkpoint: another objective wrote it.
+        let dino = try TeacherStudentTrainer(configuration: c, train: data)
+        #expect(throws: FileError.self) { try RunCheckpoint.restore(dino, from: url) }
+    }
+}
