@@ -170,7 +170,7 @@ extension Module {
 public struct TrainingState: Codable, Equatable, Sendable {
     public var step: Int
     public var epoch: Int
-    /// The run's random generator state (``RandomGenerator/state``), as four words.
+    /// The run's random generator state (`RandomGenerator.state`), as four words.
     public var generatorState: [UInt64]
     /// The run's configuration, as the command line or the caller describes it.
     public var configuration: [String: String]

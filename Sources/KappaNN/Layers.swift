@@ -76,7 +76,7 @@ public class BatchNorm: Module {
         super.init()
     }
 
-    /// Normalizes `x` (one fused op, ``Tensor/batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:)``);
+    /// Normalizes `x` (one fused op, `Tensor.batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:)`);
     /// with `applyingReLU` returns max(·, 0) in the same passes.
     public func callAsFunction(_ x: Tensor, applyingReLU: Bool = false) -> Tensor {
         let c = weight.shape[0]

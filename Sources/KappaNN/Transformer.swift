@@ -1,7 +1,7 @@
 import Kappa
 
 /// Multi-head self-attention with a fused qkv projection and scaled dot products:
-/// softmax(QKᵀ/√d_h)·V per head (one fused op, ``Tensor/selfAttention(heads:scale:)``), then an
+/// softmax(QKᵀ/√d_h)·V per head (one fused op, `Tensor.selfAttention(heads:scale:)`), then an
 /// output projection.
 public final class Attention: Module {
     public let heads: Int

@@ -29,7 +29,7 @@ public enum RunCheckpoint {
     }
 
     /// Restores a run saved by ``save(_:to:)`` into a trainer made with the same
-    /// configuration (checked) and objective. Throws ``CheckpointError`` naming the file and
+    /// configuration (checked) and objective. Throws `CheckpointError` (KappaNN's `FileError`) naming the file and
     /// the problem; the trainer is only changed when everything fits.
     public static func restore(_ trainer: TeacherStudentTrainer, from url: URL) throws {
         let saved = try configuration(in: url)
