@@ -151,10 +151,12 @@ public final class TeacherStudentTrainer {
 
     /// Runs the rest of the current epoch on ``train``; `onStep` sees every step, `shouldStop`
     /// is asked before each (Ctrl-C). Returns false when stopped early or when the loss became
-    /// NaN (the last log `onStep` saw has the non-finite loss).
+    /// NaN (the last log `onStep` saw has the non-finite loss). Does nothing once the run
+    /// ``isFinished``.
     @discardableResult
     public func trainEpoch(onStep: (StepLog) -> Void = { _ in }, shouldStop: () -> Bool = { false }) -> Bool {
         guard let train else { preconditionFailure("trainEpoch: this trainer was made without training images") }
+        guard !isFinished else { return true }
         let c = configuration
         let loader = MultiCropLoader(dataset: train, augmentation: c.augmentation, batchSize: c.batchSize, seed: c.seed, epoch: epoch)
         defer { loader.stop() }
