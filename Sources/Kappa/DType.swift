@@ -29,9 +29,11 @@ public protocol TensorScalar: Real, BinaryFloatingPoint, Sendable {
 }
 
 extension Float: TensorScalar {
+    /// Float32 tensors hold `Float`.
     public static var dtype: DType { .float32 }
 }
 
 extension Double: TensorScalar {
+    /// Float64 tensors hold `Double`.
     public static var dtype: DType { .float64 }
 }

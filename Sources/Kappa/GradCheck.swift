@@ -18,7 +18,9 @@ public enum GradcheckMode: Sendable {
 public struct GradcheckReport: CustomStringConvertible, Sendable {
     /// The comparison of one output with one input.
     public struct Entry: Sendable {
+        /// The output's position among the function's outputs.
         public let output: Int
+        /// The input's position among the checked inputs.
         public let input: Int
         /// The largest |analytic − numeric| over the Jacobian's entries (or of the projection in fast mode).
         public let maxAbsoluteError: Double
@@ -27,13 +29,19 @@ public struct GradcheckReport: CustomStringConvertible, Sendable {
         /// Where the worst entry was: the input element's and the output element's multi-index
         /// (empty in fast mode).
         public let inputIndex: [Int]
+        /// (See ``inputIndex``.)
         public let outputIndex: [Int]
+        /// The worst entry's value from backward.
         public let analytic: Double
+        /// The worst entry's value from central differences.
         public let numeric: Double
+        /// Whether every entry is within atol + rtol·|numeric|.
         public let passed: Bool
     }
 
+    /// Full Jacobians or random projections.
     public let mode: GradcheckMode
+    /// One comparison per (output, input) pair.
     public let entries: [Entry]
     /// Failures of the extra checks: a zero output gradient must give zero input gradients,
     /// and backward must be repeatable bit for bit.

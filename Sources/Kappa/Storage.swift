@@ -38,6 +38,7 @@ public final class BufferPool: @unchecked Sendable {
     /// Counters for tests and benchmarks: how many requests were served from the cache and
     /// how many went to the system allocator.
     public private(set) var hits = 0
+    /// Requests the pool could not serve from a freed buffer (each a fresh allocation).
     public private(set) var misses = 0
 
     /// Bytes currently held in the cache, not in use by any tensor.

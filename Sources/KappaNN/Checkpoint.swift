@@ -4,10 +4,13 @@ import Kappa
 /// A file that cannot be read or written as asked: the path and what is wrong with it. Every
 /// reader and writer of Kappa (checkpoints, datasets, metrics) throws this one type.
 public struct FileError: Error, CustomStringConvertible, Equatable {
+    /// The file.
     public let path: String
+    /// What is wrong with it, in a sentence.
     public let problem: String
     public var description: String { "\(path): \(problem)" }
 
+    /// An error about `path`.
     public init(path: String, problem: String) {
         self.path = path
         self.problem = problem
@@ -168,13 +171,16 @@ extension Module {
 /// Where a training run stands, saved with its weights so that a resumed run continues
 /// exactly where it stopped.
 public struct TrainingState: Codable, Equatable, Sendable {
+    /// Steps taken.
     public var step: Int
+    /// Epochs completed.
     public var epoch: Int
     /// The run's random generator state (`RandomGenerator.state`), as four words.
     public var generatorState: [UInt64]
     /// The run's configuration, as the command line or the caller describes it.
     public var configuration: [String: String]
 
+    /// The state at a position, with the generator to continue from.
     public init(step: Int, epoch: Int, generator: RandomGenerator, configuration: [String: String] = [:]) {
         self.step = step
         self.epoch = epoch

@@ -5,6 +5,7 @@ import Kappa
 /// whose rows are the prototypes w_k = g_k · v_k/‖v_k‖. With `normLastLayer` the scales g_k
 /// are fixed at 1 (DINO's default); otherwise they are learned (DINO-vMF).
 public final class DINOHead: Module {
+    /// The projection MLP: linear layers with GELU (and BatchNorm with `batchNorm`), ending in the bottleneck.
     public let mlp: [Module]
     /// v, the prototype directions [K, p] (PyTorch's `last_layer.weight_v`).
     @Parameter public var lastLayerDirection: Tensor
@@ -22,6 +23,8 @@ public final class DINOHead: Module {
         public let embedding: Tensor
     }
 
+    /// A head from `inFeatures` to `prototypes` logits through `layers` linear layers of width
+    /// `hidden` and a bottleneck of `bottleneck`; with `normLastLayer` the prototype norms stay 1.
     public init(inFeatures: Int, prototypes: Int, layers: Int = 3, hidden: Int = 2048, bottleneck: Int = 256,
                 batchNorm: Bool = false, normLastLayer: Bool = true, dtype: DType = .float32,
                 using g: inout RandomGenerator) {
@@ -48,6 +51,7 @@ public final class DINOHead: Module {
         if normLastLayer { lastLayerScale.requiresGrad = false }
     }
 
+    /// The logits ⟨w_k, y⟩, the prototype norms and the normalized bottleneck of features `x` [B, D].
     public func callAsFunction(_ x: Tensor) -> Output {
         var h = x
         for layer in mlp {

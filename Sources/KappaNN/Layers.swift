@@ -18,9 +18,12 @@ public enum Initializer {
 /// y = x Wᵀ + b over the last axis; W is [out, in] (PyTorch's layout), initialized
 /// truncated-normal with std 0.02, b zero (DINO's `_init_weights`).
 public final class Linear: Module {
+    /// The weight [out, in].
     @Parameter public var weight: Tensor
+    /// The bias [out], or nil.
     @Parameter public var bias: Tensor?
 
+    /// A layer from `inFeatures` to `outFeatures`, initialized as PyTorch's `nn.Linear`.
     public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, dtype: DType = .float32,
                 using g: inout RandomGenerator) {
         weight = Initializer.truncatedNormal([outFeatures, inFeatures], dtype: dtype, using: &g)
@@ -28,6 +31,7 @@ public final class Linear: Module {
         super.init()
     }
 
+    /// x·Wᵀ + b over the last axis.
     public func callAsFunction(_ x: Tensor) -> Tensor {
         precondition(x.shape.last == weight.shape[1],
                      "Linear: input \(x.shape) does not end in \(weight.shape[1]) features (weight \(weight.shape))")
@@ -42,10 +46,14 @@ public final class Linear: Module {
 
 /// Layer normalization over the last axis (fused kernel), weight 1, bias 0.
 public final class LayerNorm: Module {
+    /// γ [features], initialized to 1.
     @Parameter public var weight: Tensor
+    /// β [features], initialized to 0.
     @Parameter public var bias: Tensor
+    /// Added to the variance.
     public let eps: Double
 
+    /// Normalization over a last axis of `features`.
     public init(_ features: Int, eps: Double = 1e-5, dtype: DType = .float32) {
         weight = Tensor.ones([features], dtype: dtype)
         bias = Tensor.zeros([features], dtype: dtype)
@@ -53,6 +61,7 @@ public final class LayerNorm: Module {
         super.init()
     }
 
+    /// The normalized x (one fused op).
     public func callAsFunction(_ x: Tensor) -> Tensor { x.layerNorm(weight: weight, bias: bias, eps: eps) }
 }
 
@@ -60,10 +69,15 @@ public final class LayerNorm: Module {
 /// [N, C, H, W] (`BatchNorm2d`): batch statistics in training (running statistics updated
 /// with `momentum`, variance unbiased as PyTorch), running statistics in evaluation.
 public class BatchNorm: Module {
+    /// γ [C], initialized to 1.
     @Parameter public var weight: Tensor
+    /// β [C], initialized to 0.
     @Parameter public var bias: Tensor
+    /// The running mean [C], used in evaluation mode.
     @Buffer public var runningMean: Tensor
+    /// The running (unbiased) variance [C], used in evaluation mode.
     @Buffer public var runningVar: Tensor
+    /// Added to the variance; the running statistics' update weight (PyTorch's convention).
     public let eps: Double, momentum: Double
     let spatialRanks: Set<Int>
 
@@ -89,6 +103,7 @@ public class BatchNorm: Module {
 
 /// ``BatchNorm`` for [N, C] and [N, C, L].
 public final class BatchNorm1d: BatchNorm {
+    /// BatchNorm over [N, C] inputs of `channels` features.
     public init(_ channels: Int, eps: Double = 1e-5, momentum: Double = 0.1, dtype: DType = .float32) {
         super.init(channels, eps: eps, momentum: momentum, dtype: dtype, ranks: [2, 3])
     }
@@ -96,6 +111,7 @@ public final class BatchNorm1d: BatchNorm {
 
 /// ``BatchNorm`` for [N, C, H, W].
 public final class BatchNorm2d: BatchNorm {
+    /// BatchNorm over [N, C, H, W] inputs of `channels` channels.
     public init(_ channels: Int, eps: Double = 1e-5, momentum: Double = 0.1, dtype: DType = .float32) {
         super.init(channels, eps: eps, momentum: momentum, dtype: dtype, ranks: [4])
     }
@@ -103,10 +119,14 @@ public final class BatchNorm2d: BatchNorm {
 
 /// 2-D convolution layer; weight [O, C, kh, kw] and bias uniform in ±1/√(C·kh·kw) (PyTorch).
 public final class Conv2d: Module {
+    /// The kernel [out, in, kh, kw].
     @Parameter public var weight: Tensor
+    /// The bias [out], or nil.
     @Parameter public var bias: Tensor?
+    /// As PyTorch's `Conv2d`.
     public let stride: Size2, padding: Size2, dilation: Size2
 
+    /// A convolution initialized as PyTorch's `nn.Conv2d`.
     public init(_ inChannels: Int, _ outChannels: Int, kernel: Size2, stride: Size2 = 1, padding: Size2 = 0,
                 dilation: Size2 = 1, bias: Bool = true, dtype: DType = .float32, using g: inout RandomGenerator) {
         let fanIn = inChannels * kernel.height * kernel.width
@@ -116,6 +136,7 @@ public final class Conv2d: Module {
         super.init()
     }
 
+    /// The cross-correlation of images [B, C, H, W].
     public func callAsFunction(_ x: Tensor) -> Tensor {
         x.conv2d(weight: weight, bias: bias, stride: stride, padding: padding, dilation: dilation)
     }
@@ -123,20 +144,27 @@ public final class Conv2d: Module {
 
 /// GELU activation (exact erf form, or the tanh approximation).
 public final class GELU: Module {
+    /// The tanh form instead of the erf form.
     public let approximate: Bool
+    /// GELU, erf form unless `approximate`.
     public init(approximate: Bool = false) { self.approximate = approximate; super.init() }
+    /// x·Φ(x) elementwise.
     public func callAsFunction(_ x: Tensor) -> Tensor { x.gelu(approximate: approximate) }
 }
 
 /// Dropout with its own seeded generator; the identity in evaluation mode.
 public final class Dropout: Module {
+    /// The share of elements zeroed in training.
     public let probability: Double
+    /// The masks' generator.
     public var generator: RandomGenerator
+    /// Dropout with drop `probability`.
     public init(_ probability: Double, seed: UInt64 = 0) {
         self.probability = probability
         generator = RandomGenerator(seed: seed)
         super.init()
     }
+    /// In training, x with elements zeroed at random and the rest scaled by 1/(1 − p); x in evaluation.
     public func callAsFunction(_ x: Tensor) -> Tensor {
         x.dropout(probability: probability, training: isTraining, using: &generator)
     }
@@ -145,13 +173,17 @@ public final class Dropout: Module {
 /// Stochastic depth: drops whole samples of a residual branch with probability
 /// `probability` in training and scales the kept ones by 1/(1 − probability).
 public final class DropPath: Module {
+    /// The probability that a sample's residual branch is dropped.
     public let probability: Double
+    /// The masks' generator.
     public var generator: RandomGenerator
+    /// Drop-path with drop `probability`.
     public init(_ probability: Double, seed: UInt64 = 0) {
         self.probability = probability
         generator = RandomGenerator(seed: seed)
         super.init()
     }
+    /// In training, x with whole samples zeroed at random and the rest scaled by 1/(1 − p).
     public func callAsFunction(_ x: Tensor) -> Tensor {
         guard isTraining && probability > 0 else { return x }
         var maskShape = [Int](repeating: 1, count: x.rank)
@@ -163,9 +195,12 @@ public final class DropPath: Module {
 
 /// Linear → GELU → Linear (timm's `Mlp`), with optional dropout after each.
 public final class MLP: Module {
+    /// The two layers and the activation between them.
     public let fc1: Linear, act: GELU, fc2: Linear
+    /// Dropout after each layer, or nil.
     public let drop: Dropout?
 
+    /// An MLP `inFeatures` → `hidden` → `out` (default `inFeatures`).
     public init(_ inFeatures: Int, hidden: Int, out: Int? = nil, dropout: Double = 0, dtype: DType = .float32,
                 using g: inout RandomGenerator) {
         fc1 = Linear(inFeatures, hidden, dtype: dtype, using: &g)
@@ -175,6 +210,7 @@ public final class MLP: Module {
         super.init()
     }
 
+    /// fc2(GELU(fc1(x))).
     public func callAsFunction(_ x: Tensor) -> Tensor {
         var h = act(fc1(x))
         if let drop { h = drop(h) }

@@ -4,13 +4,18 @@ import Kappa
 /// Parameters that share a learning rate and a weight decay (PyTorch's param groups).
 /// A training loop sets both per iteration from its schedules.
 public struct ParameterGroup {
+    /// The group's name (`"regularized"`, `"notRegularized"`, ...).
     public var name: String
+    /// The parameters, by name (unique across an optimizer's groups).
     public var parameters: [(name: String, tensor: Tensor)]
+    /// The current learning rate.
     public var learningRate: Double
+    /// The current weight decay (decoupled in AdamW).
     public var weightDecay: Double
     /// This group's learning rate relative to a schedule's (``Optimizer/setSchedule(learningRate:weightDecay:)``).
     public var learningRateScale: Double
 
+    /// A group with its hyperparameters.
     public init(name: String, parameters: [(name: String, tensor: Tensor)], learningRate: Double, weightDecay: Double,
                 learningRateScale: Double = 1) {
         (self.name, self.parameters, self.learningRate, self.weightDecay) = (name, parameters, learningRate, weightDecay)
@@ -89,6 +94,7 @@ extension Optimizer {
 
 /// An error loading optimizer state.
 public struct OptimizerStateError: Error, CustomStringConvertible {
+    /// What is wrong with the state.
     public let description: String
 }
 
@@ -141,9 +147,11 @@ func withBuffers<T: TensorScalar>(_: T.Type, _ p: Tensor, _ g: Tensor, _ state: 
 public final class SGD: Optimizer {
     public var groups: [ParameterGroup]
     public var stepCount = 0
+    /// Momentum (0: plain SGD) and whether it is Nesterov's.
     public let momentum: Double, nesterov: Bool
     let state = StateStore()
 
+    /// SGD over `groups`.
     public init(groups: [ParameterGroup], momentum: Double = 0, nesterov: Bool = false) {
         (self.groups, self.momentum, self.nesterov) = (groups, momentum, nesterov)
         checkUniqueNames("SGD", groups)
@@ -184,9 +192,11 @@ public final class SGD: Optimizer {
 public final class AdamW: Optimizer {
     public var groups: [ParameterGroup]
     public var stepCount = 0
+    /// The moment decay rates and the denominator's ε.
     public let beta1: Double, beta2: Double, eps: Double
     let state = StateStore()
 
+    /// AdamW over `groups` (PyTorch's defaults).
     public init(groups: [ParameterGroup], beta1: Double = 0.9, beta2: Double = 0.999, eps: Double = 1e-8) {
         (self.groups, self.beta1, self.beta2, self.eps) = (groups, beta1, beta2, eps)
         checkUniqueNames("AdamW", groups)
@@ -230,9 +240,11 @@ public final class AdamW: Optimizer {
 public final class LARS: Optimizer {
     public var groups: [ParameterGroup]
     public var stepCount = 0
+    /// Momentum and the trust coefficient η.
     public let momentum: Double, eta: Double
     let state = StateStore()
 
+    /// LARS over `groups` (as DINO's).
     public init(groups: [ParameterGroup], momentum: Double = 0.9, eta: Double = 0.001) {
         (self.groups, self.momentum, self.eta) = (groups, momentum, eta)
         checkUniqueNames("LARS", groups)

@@ -4,13 +4,17 @@ import Kappa
 /// softmax(QKᵀ/√d_h)·V per head (one fused op, `Tensor.selfAttention(heads:scale:)`), then an
 /// output projection.
 public final class Attention: Module {
+    /// Attention heads.
     public let heads: Int
+    /// The fused q, k, v projection and the output projection.
     public let qkv: Linear, proj: Linear
     /// When true, the next forward keeps its attention maps [B, heads, N, N] in
     /// ``lastAttention`` (detached), for visualization.
     public var keepsAttention = false
+    /// The last call's attention probabilities [B, heads, N, N], when ``keepsAttention``.
     public private(set) var lastAttention: Tensor?
 
+    /// Attention over `dim` features in `heads` heads.
     public init(_ dim: Int, heads: Int, qkvBias: Bool = true, dtype: DType = .float32, using g: inout RandomGenerator) {
         precondition(dim % heads == 0, "Attention: width \(dim) is not divisible by \(heads) heads")
         self.heads = heads
@@ -19,6 +23,7 @@ public final class Attention: Module {
         super.init()
     }
 
+    /// Self-attention of tokens [B, N, dim].
     public func callAsFunction(_ x: Tensor) -> Tensor {
         // One fused op on the packed projections (Tensor.selfAttention): no permuted copies of
         // q, k, v, and only the attention probabilities kept for backward.
@@ -30,9 +35,12 @@ public final class Attention: Module {
 
 /// Pre-norm Transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))).
 public final class TransformerBlock: Module {
+    /// Pre-norm attention and MLP.
     public let norm1: LayerNorm, attn: Attention, norm2: LayerNorm, mlp: MLP
+    /// Stochastic depth on both residual branches, or nil.
     public let dropPath: DropPath?
 
+    /// A block of `dim` features, `heads` heads and an MLP `mlpRatio` times as wide.
     public init(_ dim: Int, heads: Int, mlpRatio: Double = 4, eps: Double = 1e-6, dropPath: Double = 0,
                 dtype: DType = .float32, using g: inout RandomGenerator) {
         norm1 = LayerNorm(dim, eps: eps, dtype: dtype)
@@ -43,6 +51,7 @@ public final class TransformerBlock: Module {
         super.init()
     }
 
+    /// x + attn(norm1(x)), then + mlp(norm2(·)).
     public func callAsFunction(_ x: Tensor) -> Tensor {
         let drop = { (t: Tensor) in self.dropPath.map { $0(t) } ?? t }
         let h = x + drop(attn(norm1(x)))
@@ -52,14 +61,20 @@ public final class TransformerBlock: Module {
 
 /// The sizes of a ``VisionTransformer``.
 public struct ViTConfiguration: Sendable, Equatable, Codable {
+    /// The input images and their patches.
     public var imageSize: Int, patchSize: Int, channels: Int
+    /// Token width, blocks, heads.
     public var width: Int, depth: Int, heads: Int
+    /// The MLP's width over the token width.
     public var mlpRatio: Double = 4
+    /// The LayerNorms' ε.
     public var eps: Double = 1e-6
+    /// Stochastic depth of the last block (linear from 0 in the first).
     public var dropPathRate: Double = 0
     /// A learned mask token that replaces masked patch embeddings (iBOT).
     public var maskToken: Bool = false
 
+    /// A configuration (mask token off unless `maskToken`).
     public init(imageSize: Int, patchSize: Int, channels: Int, width: Int, depth: Int, heads: Int,
                 mlpRatio: Double = 4, eps: Double = 1e-6, dropPathRate: Double = 0, maskToken: Bool = false) {
         (self.imageSize, self.patchSize, self.channels) = (imageSize, patchSize, channels)
@@ -85,6 +100,7 @@ public struct ViTConfiguration: Sendable, Equatable, Codable {
 /// a [CLS] token, a learned positional embedding interpolated bicubically when a crop has
 /// another number of patches, pre-norm blocks, a final LayerNorm; optionally a mask token.
 public final class VisionTransformer: Module {
+    /// The sizes.
     public let configuration: ViTConfiguration
     /// The patch embedding as a convolution's weight [D, C, P, P] and bias, applied as
     /// unfold + one matrix product.
@@ -94,8 +110,10 @@ public final class VisionTransformer: Module {
     @Parameter public var positionEmbedding: Tensor
     @Parameter public var maskToken: Tensor?
     public let blocks: [TransformerBlock]
+    /// The final LayerNorm.
     public let norm: LayerNorm
 
+    /// A ViT initialized as DINO's (truncated normal, std 0.02).
     public init(_ c: ViTConfiguration, dtype: DType = .float32, using g: inout RandomGenerator) {
         precondition(c.imageSize % c.patchSize == 0, "VisionTransformer: image size \(c.imageSize) is not a multiple of patch \(c.patchSize)")
         configuration = c

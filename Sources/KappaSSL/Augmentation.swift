@@ -9,17 +9,25 @@ import Kappa
 /// inversion and Gaussian pixel noise. Each sample's crops depend only on
 /// (seed, epoch, sample index), never on thread timing.
 public struct MultiCropAugmentation: Codable, Sendable, Equatable {
+    /// Side of the global and local crops in pixels, and local crops per image (two global crops always).
     public var globalSize = 28, localSize = 14, localCrops = 4
+    /// Area shares of the image a global and a local crop cover (DINO: 0.4–1 and 0.05–0.4).
     public var globalScale = 0.4...1.0, localScale = 0.05...0.4
+    /// Probability of a horizontal flip.
     public var flipProbability = 0.5
+    /// Probability of color jitter.
     public var jitterProbability = 0.8
+    /// Color jitter strengths (torchvision's `ColorJitter`; grayscale images get brightness and contrast only).
     public var brightness = 0.4, contrast = 0.4, saturation = 0.2, hue = 0.1
+    /// Probability of turning a color view gray.
     public var grayscaleProbability = 0.2
     /// Blur probabilities: first global crop, second global crop, local crops.
     public var blurProbabilities = [1.0, 0.1, 0.5]
+    /// The Gaussian blur's σ range, in pixels.
     public var blurSigma = 0.1...2.0
     /// Solarization probability of the second global crop.
     public var solarizeProbability = 0.2
+    /// Normalization of every view: (x − mean)/std.
     public var mean = 0.5, std = 0.25
     /// Probability of inverting a view (x → 1 − x): not in DINO; for data whose foreground
     /// polarity is a nuisance shared by both views of an image (the built-in shapes).
@@ -217,8 +225,11 @@ public struct MultiCropAugmentation: Codable, Sendable, Equatable {
 /// One training batch: the crops of every view as tensors (the 2 global views first, then
 /// the local views), and the images' labels and indices.
 public struct MultiCropBatch: @unchecked Sendable {
+    /// The views [B, C, H, W]: the two global crops, then the local crops.
     public let views: [Tensor]
+    /// The dataset indices of the batch's images.
     public let indices: [Int]
+    /// Their labels, when the dataset has them.
     public let labels: [Int]?
 }
 
@@ -226,9 +237,13 @@ public struct MultiCropBatch: @unchecked Sendable {
 /// training step: the sample order is a permutation drawn from (seed, epoch), and each
 /// sample's crops from (seed, epoch, index), so batches are identical however threads run.
 public final class MultiCropLoader: @unchecked Sendable {
+    /// The images.
     public let dataset: ImageDataset
+    /// The views made of each image.
     public let augmentation: MultiCropAugmentation
+    /// Images per batch (a last partial batch is dropped).
     public let batchSize: Int
+    /// With the epoch, what the permutation and every crop depend on.
     public let seed: UInt64
     private let condition = NSCondition()
     private var ready: [Int: MultiCropBatch] = [:]
@@ -240,6 +255,8 @@ public final class MultiCropLoader: @unchecked Sendable {
     /// The number of full batches per epoch (the last partial batch is dropped, as DINO).
     public var batchCount: Int { dataset.count / batchSize }
 
+    /// A loader of one epoch: a permutation of the images from (seed, epoch), views made on
+    /// background threads through a queue of `queueDepth` batches.
     public init(dataset: ImageDataset, augmentation: MultiCropAugmentation, batchSize: Int, seed: UInt64, epoch: Int,
                 queueDepth: Int = 2, workers: Int = 1) {
         precondition(batchSize > 0 && batchSize <= dataset.count, "MultiCropLoader: batch \(batchSize) for \(dataset.count) images")

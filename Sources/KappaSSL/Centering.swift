@@ -14,6 +14,7 @@ import Kappa
 ///
 /// The center is part of the training state: save ``center`` with checkpoints.
 public final class Centering {
+    /// Which of the three.
     public enum Kind: Equatable, Sendable, CustomStringConvertible {
         case logit
         case probability
@@ -28,11 +29,14 @@ public final class Centering {
         }
     }
 
+    /// The method.
     public let kind: Kind
+    /// m of the center update.
     public let momentum: Double
     /// c (logit centering, starts at 0) or c̄ (probability centering, starts at 1/K): [K].
     public var center: Tensor
 
+    /// A center for `prototypes` prototypes at its starting value.
     public init(_ kind: Kind, prototypes: Int, momentum: Double = 0.9, dtype: DType = .float32) {
         precondition(prototypes > 0 && momentum >= 0 && momentum <= 1,
                      "Centering: \(prototypes) prototypes, momentum \(momentum)")

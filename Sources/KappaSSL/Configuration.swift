@@ -91,6 +91,7 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     /// iBOT: masked patch prediction added to the [CLS] loss (needs a ViT with a mask token).
     public var ibot: IBOTSettings?
 
+    /// The defaults of every field.
     public init() {
         loss.dimension = bottleneck
         loss.teacherTemperature = 0.04
@@ -128,7 +129,9 @@ public enum SSLMethod: String, Codable, Sendable, CaseIterable {
     /// DINO's [CLS] term plus masked patch prediction (ViT only).
     case ibot
 
+    /// Whether the method adds iBOT's masked-patch term.
     public var isIBOT: Bool { self == .ibotVMF || self == .ibot }
+    /// Whether the method is a vMF variant.
     public var isVMF: Bool { self == .dinoVMF || self == .ibotVMF }
     /// The backbone a method trains when none is named: a ResNet for DINO, ViT-micro for iBOT
     /// (masking needs patches).

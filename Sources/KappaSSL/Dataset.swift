@@ -4,12 +4,16 @@ import KappaNN
 
 /// Images as Float32 values in [0, 1], laid out [N, C, H, W], with optional integer labels.
 public struct ImageDataset: Sendable {
+    /// Pixels in [0, 1], [count, channels, height, width] row-major.
     public let images: [Float]
+    /// One class per image, when known.
     public let labels: [Int]?
+    /// The images' number and shape.
     public let count: Int, channels: Int, height: Int, width: Int
     /// Where the data came from, for reports.
     public let source: String
 
+    /// A dataset; `source` names it in reports.
     public init(images: [Float], labels: [Int]?, count: Int, channels: Int, height: Int, width: Int, source: String) {
         precondition(images.count == count * channels * height * width,
                      "ImageDataset: \(images.count) values for \(count)×\(channels)×\(height)×\(width)")
@@ -57,8 +61,10 @@ public typealias DatasetError = FileError
 /// the polarity both views share becomes a feature. Deterministic by seed: image i depends
 /// only on (seed, i).
 public enum ShapesDataset {
+    /// The ten classes, in label order.
     public static let classNames = ["circle", "square", "triangle", "plus", "bar", "two bars", "T", "L", "arc", "ring and dot"]
 
+    /// `count` images of `size`² pixels drawn from `seed`, the labels cycling through the classes.
     public static func make(count: Int, size: Int = 28, channels: Int = 1, seed: UInt64 = 0) -> ImageDataset {
         precondition(count >= 0 && size >= 8 && (channels == 1 || channels == 3),
                      "ShapesDataset: \(count) images of \(size)×\(size)×\(channels)")

@@ -93,7 +93,9 @@ public enum Evaluation {
 
     /// Summary statistics of a list of values.
     public struct Summary: Codable, Sendable {
+        /// Quantiles (nearest rank) and the mean.
         public let min: Double, p10: Double, median: Double, p90: Double, max: Double, mean: Double
+        /// The summary of `values` (NaN quantiles when empty).
         public init(_ values: [Double]) {
             let s = values.sorted()
             func q(_ f: Double) -> Double { s.isEmpty ? .nan : s[Swift.min(s.count - 1, Int(f * Double(s.count - 1)))] }
@@ -128,12 +130,15 @@ public struct EvaluationReport: Codable, Sendable {
     public var linearProbe: Double?
     /// kNN on raw pixels and on the randomly initialized backbone (the student's initialization).
     public var knnRawPixels: Double
+    /// (See ``knnRawPixels``.)
     public var knnRandomInit: Double
     /// Prototypes that are the arg-max for at least one evaluation image, of K.
     public var utilization: Int, prototypes: Int
+    /// The teacher's prototype norms ‖w_k‖.
     public var prototypeNorms: Evaluation.Summary
     /// kNN accuracy of test samples by the norm quartile of their arg-max prototype.
     public var knnByNormQuartile: [Double]
+    /// Test samples in each of those quartiles.
     public var quartileCounts: [Int]
 }
 
@@ -142,6 +147,7 @@ public struct EvaluationReport: Codable, Sendable {
 /// randomly initialized network; computed once per evaluator, since they do not change during
 /// a run), prototype utilization and norms on `test`.
 public final class Evaluator {
+    /// The labeled split the classifiers fit on, and the split they are measured on.
     public let reference: ImageDataset, test: ImageDataset
     let trainLabels: [Int], testLabels: [Int]
     let classes: Int

@@ -9,12 +9,16 @@ import KappaNN
 /// patch term is built from ``DINOLoss``'s public steps. iBOT-vMF sets the vMF normalization
 /// and probability centering on both configurations.
 public final class IBOTLoss {
+    /// The [CLS] term over cross-view pairs, with its center.
     public let clsLoss: DINOLoss
+    /// The patch term's settings and center.
     public let patchLoss: DINOLoss
+    /// λ₁ and λ₂.
     public let clsWeight: Double, patchWeight: Double
 
     /// The loss and its named terms.
     public struct Result {
+        /// λ₁ · cls + λ₂ · patch, differentiable.
         public let loss: Tensor
         /// The [CLS] term (before λ₁) and the patch term (before λ₂).
         public let clsTerm: Double, patchTerm: Double
@@ -34,6 +38,7 @@ public final class IBOTLoss {
         }
     }
 
+    /// The two terms with their settings and weights.
     public init(prototypes: Int, patchPrototypes: Int, cls: DINOLossConfiguration, patch: DINOLossConfiguration,
                 clsWeight: Double = 1, patchWeight: Double = 1, dtype: DType = .float32) {
         clsLoss = DINOLoss(prototypes: prototypes, configuration: cls, dtype: dtype)
@@ -94,9 +99,12 @@ public final class IBOTLoss {
 /// unmasked teacher on the global views, the student alone on the local views, the shared head
 /// on [CLS] and patch tokens. The [CLS] and patch terms are logged separately.
 public final class IBOTObjective: SelfSupervisedObjective {
+    /// The loss and its two centers.
     public let loss: IBOTLoss
+    /// How the student's global views are masked.
     public let masking: BlockMasking
 
+    /// The objective of a configuration's [CLS] loss and iBOT settings.
     public init(prototypes: Int, cls: DINOLossConfiguration, settings: IBOTSettings, dtype: DType = .float32) {
         loss = IBOTLoss(prototypes: prototypes, patchPrototypes: prototypes, cls: cls, patch: settings.patch,
                         clsWeight: 1, patchWeight: settings.patchWeight, dtype: dtype)
@@ -109,6 +117,7 @@ public final class IBOTObjective: SelfSupervisedObjective {
         }
     }
 
+    /// The iBOT loss of a batch; updates both centers.
     public func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
         guard let studentViT = networks.student as? VisionTransformer, let teacherViT = networks.teacher as? VisionTransformer else {
             preconditionFailure("IBOTObjective: iBOT needs ViT backbones")
@@ -140,10 +149,14 @@ public final class IBOTObjective: SelfSupervisedObjective {
 /// `minimumBlock` patches with aspect ratios in [0.3, 1/0.3] are masked until that share of
 /// the patches is covered; other images get no mask.
 public struct BlockMasking: Sendable, Codable, Equatable {
+    /// The share of a masked image's patches to mask, drawn uniformly from this range.
     public var ratio: ClosedRange<Double> = 0.1...0.5
+    /// The probability that an image is masked at all.
     public var probability: Double = 0.5
+    /// The smallest rectangle, in patches.
     public var minimumBlock: Int = 4
 
+    /// Masking with iBOT's defaults unless given.
     public init(ratio: ClosedRange<Double> = 0.1...0.5, probability: Double = 0.5, minimumBlock: Int = 4) {
         (self.ratio, self.probability, self.minimumBlock) = (ratio, probability, minimumBlock)
     }

@@ -20,6 +20,7 @@ public struct DINOLossConfiguration: Codable, Equatable, Sendable {
     public var teacherTemperature = 0.04
     /// τ_t at epoch 0, rising linearly to ``teacherTemperature`` over ``warmupTeacherEpochs``.
     public var warmupTeacherTemperature = 0.04
+    /// Epochs of the linear warmup of τ_t (0: none).
     public var warmupTeacherEpochs = 0
     /// m of the center update.
     public var centerMomentum = 0.9
@@ -59,7 +60,9 @@ public struct DINOLossConfiguration: Codable, Equatable, Sendable {
 /// targets), ``studentLogProbabilities(_:norms:)``, ``updateCenter(with:)`` and
 /// ``entropy(_:)``.
 public final class DINOLoss {
+    /// The temperatures, the switches and p.
     public let configuration: DINOLossConfiguration
+    /// The teacher's centering and its state.
     public let centering: Centering
 
     /// The loss and the monitors of one step.
@@ -74,6 +77,7 @@ public final class DINOLoss {
         /// τ_t used.
         public let teacherTemperature: Double
 
+        /// A result.
         public init(loss: Tensor, teacherEntropy: Double, klDivergence: Double, teacherTemperature: Double) {
             (self.loss, self.teacherEntropy, self.klDivergence, self.teacherTemperature) = (loss, teacherEntropy, klDivergence, teacherTemperature)
         }
@@ -102,11 +106,13 @@ public final class DINOLoss {
         /// τ_t used.
         public let temperature: Double
 
+        /// Targets of a step (for a loss that makes its own).
         public init(targets: [Tensor], raw: Tensor, temperature: Double) {
             (self.targets, self.raw, self.temperature) = (targets, raw, temperature)
         }
     }
 
+    /// The loss over `prototypes` prototypes, its center at the start value.
     public init(prototypes: Int, configuration: DINOLossConfiguration = .init(), dtype: DType = .float32) {
         self.configuration = configuration
         centering = Centering(configuration.centeringKind, prototypes: prototypes, momentum: configuration.centerMomentum,
@@ -207,12 +213,15 @@ public final class DINOLoss {
 /// DINO and DINO-vMF as a ``SelfSupervisedObjective``: the teacher sees the global views,
 /// the student every view, and ``DINOLoss`` compares them across views.
 public final class DINOObjective: SelfSupervisedObjective {
+    /// The loss and its center.
     public let loss: DINOLoss
 
+    /// The objective of a loss configuration.
     public init(prototypes: Int, configuration: DINOLossConfiguration, dtype: DType = .float32) {
         loss = DINOLoss(prototypes: prototypes, configuration: configuration, dtype: dtype)
     }
 
+    /// The DINO loss of a batch; updates the center.
     public func callAsFunction(_ batch: ObjectiveBatch, networks: TeacherStudentNetworks, context: StepContext) -> ObjectiveOutput {
         let teacher = networks.teacherLogits(batch.globalViews)
         let student = networks.studentLogits(batch.views)

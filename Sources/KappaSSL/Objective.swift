@@ -61,12 +61,15 @@ public protocol SelfSupervisedObjective: AnyObject {
 
 extension SelfSupervisedObjective {
     public func check(_ networks: TeacherStudentNetworks) throws {}
+    /// None by default.
     public var module: Module? { nil }
 }
 
 /// Why an objective's saved state or its networks do not fit it.
 public struct ObjectiveStateError: Error, CustomStringConvertible, Equatable {
+    /// What does not fit.
     public let problem: String
+    /// An error saying `problem`.
     public init(_ problem: String) { self.problem = problem }
     public var description: String { problem }
 }
@@ -77,10 +80,12 @@ public struct LoggedScalar: Sendable, Equatable {
     public let key: String
     /// The label on the progress line (`"H(t)"`).
     public let label: String
+    /// The number.
     public let value: Double
     /// The `printf` format of the progress line (`"%.3f"`).
     public let format: String
 
+    /// A named number.
     public init(_ key: String, label: String, _ value: Double, format: String = "%.4f") {
         (self.key, self.label, self.value, self.format) = (key, label, value, format)
     }
@@ -95,6 +100,7 @@ public struct ObjectiveOutput {
     /// Monitors that are not part of the loss (teacher entropy, KL, τ_t).
     public var monitors: [LoggedScalar]
 
+    /// An output; terms and monitors may be empty.
     public init(loss: Tensor, terms: [LoggedScalar] = [], monitors: [LoggedScalar] = []) {
         (self.loss, self.terms, self.monitors) = (loss, terms, monitors)
     }
@@ -110,6 +116,7 @@ public struct ObjectiveBatch {
     /// a self-supervised loss must not read them).
     public let labels: [Int]?
 
+    /// A batch whose first `globalCount` views are global crops.
     public init(views: [Tensor], globalCount: Int = 2, labels: [Int]? = nil) {
         precondition(globalCount >= 1 && globalCount <= views.count,
                      "ObjectiveBatch: \(globalCount) global views of \(views.count)")
@@ -134,6 +141,7 @@ public struct StepContext: Sendable {
     /// from it and ``step``, so that a resumed run draws the same ones.
     public let seed: UInt64
 
+    /// A position in a run.
     public init(epoch: Int, step: Int, epochs: Int, iterationsPerEpoch: Int, seed: UInt64) {
         (self.epoch, self.step, self.epochs, self.iterationsPerEpoch, self.seed) = (epoch, step, epochs, iterationsPerEpoch, seed)
     }
@@ -146,20 +154,26 @@ public protocol FeatureEncoder: Module {
 }
 
 extension VisionTransformer: FeatureEncoder {
+    /// The [CLS] token's width.
     public var featureCount: Int { configuration.width }
+    /// The normalized [CLS] output.
     public func features(_ images: Tensor) -> Tensor { self(images).cls }
 }
 
 extension ResNet: FeatureEncoder {
+    /// The pooled features.
     public func features(_ images: Tensor) -> Tensor { self(images) }
 }
 
 /// The student and its EMA teacher, each a backbone with a DINO head (projection MLP and
 /// prototypes). The teacher's parameters never require gradients.
 public final class TeacherStudentNetworks {
+    /// The two backbones.
     public let student: FeatureEncoder, teacher: FeatureEncoder
+    /// Their heads.
     public let studentHead: DINOHead, teacherHead: DINOHead
 
+    /// The pair; the teacher's parameters stop requiring gradients.
     public init(student: FeatureEncoder, studentHead: DINOHead, teacher: FeatureEncoder, teacherHead: DINOHead) {
         (self.student, self.studentHead, self.teacher, self.teacherHead) = (student, studentHead, teacher, teacherHead)
         for p in teacher.parameters + teacherHead.parameters { p.requiresGrad = false }

@@ -9,14 +9,21 @@ import KappaNN
 /// fixed random crops (no augmentation). The benchmarks and the memory check run it; the
 /// PyTorch peer in `Benchmarks/peers/` is the same step.
 public final class ReferenceStep {
+    /// One of BENCHMARKS.md's workloads: the networks, the crops and the head.
     public struct Workload: Sendable {
+        /// The name `KappaBench` and the peer print.
         public let name: String
+        /// The backbone.
         public let backbone: BackboneChoice
+        /// Image channels.
         public let channels: Int
+        /// Images per step, the crops' sides and the local crops per image.
         public let batch: Int, globalSize: Int, localSize: Int, localCrops: Int
+        /// The head's sizes.
         public let headHidden: Int, bottleneck: Int, prototypes: Int
         /// BatchNorm after the head's hidden layers (the default `DINOvMF` run has it).
         public let headBatchNorm: Bool
+        /// The teacher's constant EMA momentum.
         public let emaMomentum: Double
         /// iBOT-vMF: blockwise masks on the global views, the masked-patch term through the
         /// shared head with its own center (the ViT gets a mask token).
@@ -49,6 +56,7 @@ public final class ReferenceStep {
         }()
     }
 
+    /// What the step trains.
     public let workload: Workload
     /// The trainer the step runs through: the same loop as `DINOvMF`'s, with constant
     /// schedules (learning rate 5e-4, weight decay 0.04, the workload's EMA momentum), clipping
@@ -57,6 +65,7 @@ public final class ReferenceStep {
     /// The fixed views: two global crops and the workload's local crops of `batch` images each.
     public let views: [Tensor]
 
+    /// The step of `w`, its networks initialized from `seed`.
     public init(_ w: Workload, seed: UInt64 = 0) {
         var c = DINOConfiguration()
         c.backbone = w.backbone

@@ -3,6 +3,7 @@ import Foundation
 /// Appends one JSON record per line to `metrics.jsonl`.
 public final class MetricsLog {
     let handle: FileHandle
+    /// The file.
     public let path: String
 
     /// Opens the log at `path`: a new one, or, resuming a run from a checkpoint at `resumingAt`,
@@ -29,6 +30,7 @@ public final class MetricsLog {
 
     deinit { try? handle.close() }
 
+    /// Appends `record` as one JSON line with `"kind": kind` (sorted keys).
     public func write<T: Encodable>(_ kind: String, _ record: T) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]

@@ -6,11 +6,17 @@ import KappaNN
 /// not a terminal), `metrics.jsonl`, SVG plots, `checkpoint.safetensors` after every epoch
 /// and when stopped, evaluation every `evaluateEvery` epochs and at the end.
 public final class TrainingSession {
+    /// The run.
     public let trainer: TeacherStudentTrainer
+    /// Its evaluation splits.
     public let evaluator: Evaluator
+    /// The output folder.
     public let output: String
+    /// Evaluate every this many epochs (and after the last).
     public var evaluateEvery = 5
+    /// Run the linear probe in the final evaluation.
     public var linearProbe = true
+    /// The name on the plots and in the report.
     public var name = "DINO-vMF"
     /// Asked before every step; when it returns true the session saves a checkpoint and
     /// stops (a command sets it from its Ctrl-C handler).
@@ -20,16 +26,22 @@ public final class TrainingSession {
 
     /// What a run ended with.
     public struct Outcome {
+        /// The last evaluation.
         public let report: EvaluationReport?
+        /// Whether ``shouldStop`` stopped the run (a checkpoint was saved).
         public let interrupted: Bool
+        /// Whether the loss became NaN or infinite.
         public let diverged: Bool
+        /// Wall-clock time of this call.
         public let seconds: Double
     }
 
+    /// A session writing to `output`.
     public init(trainer: TeacherStudentTrainer, evaluator: Evaluator, output: String) {
         (self.trainer, self.evaluator, self.output) = (trainer, evaluator, output)
     }
 
+    /// `checkpoint.safetensors` in the output folder.
     public var checkpointURL: URL { URL(fileURLWithPath: output).appendingPathComponent("checkpoint.safetensors") }
 
     /// Trains to the end (or to Ctrl-C), resuming from the output folder's checkpoint when `resume`.

@@ -8,6 +8,7 @@ import KappaNN
 public struct StepLog: Encodable, Sendable {
     /// The epoch and the step over the run, both from 0.
     public let epoch: Int, step: Int
+    /// The loss, and the schedules' values at this step.
     public let loss: Double, learningRate: Double, weightDecay: Double, teacherMomentum: Double
     /// The objective's terms and monitors (``ObjectiveOutput``).
     public let terms: [LoggedScalar], monitors: [LoggedScalar]
@@ -51,21 +52,31 @@ public struct StepLog: Encodable, Sendable {
 /// uninterrupted one. Evaluation is ``Evaluator``'s; a whole run with its outputs is
 /// ``TrainingSession``'s.
 public final class TeacherStudentTrainer {
+    /// The run's configuration.
     public let configuration: DINOConfiguration
+    /// The method.
     public let objective: SelfSupervisedObjective
+    /// The student and the EMA teacher.
     public let networks: TeacherStudentNetworks
+    /// AdamW over the student (and the objective's module), in DINO's parameter groups.
     public let optimizer: AdamW
     /// The training images (nil for a trainer driven with ``step(_:)`` alone).
     public let train: ImageDataset?
+    /// The position: epochs completed, steps taken.
     public internal(set) var epoch = 0, step = 0
     /// The generator left after the initialization; saved in checkpoints.
     public internal(set) var generator: RandomGenerator
+    /// Steps per epoch.
     public let iterationsPerEpoch: Int
     let lrSchedule: [Double], wdSchedule: [Double], momentumSchedule: [Double]
 
+    /// The student backbone.
     public var student: FeatureEncoder { networks.student }
+    /// The teacher backbone.
     public var teacher: FeatureEncoder { networks.teacher }
+    /// The student head.
     public var studentHead: DINOHead { networks.studentHead }
+    /// The teacher head.
     public var teacherHead: DINOHead { networks.teacherHead }
 
     /// A trainer of `objective` (by default the configuration's ``DINOConfiguration/makeObjective()``)
@@ -177,7 +188,9 @@ public final class TeacherStudentTrainer {
 
 /// Why a trainer cannot be made as configured.
 public struct TrainerError: Error, CustomStringConvertible, Equatable {
+    /// What cannot be made.
     public let problem: String
+    /// An error saying `problem`.
     public init(_ problem: String) { self.problem = problem }
     public var description: String { problem }
 }

@@ -10,7 +10,9 @@ import CKappaKernels
 
 /// A pair of sizes for the two spatial axes (height, width).
 public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
+    /// The two sizes.
     public var height: Int, width: Int
+    /// A height and a width.
     public init(_ height: Int, _ width: Int) { self.height = height; self.width = width }
     public init(integerLiteral v: Int) { self.init(v, v) }
 }

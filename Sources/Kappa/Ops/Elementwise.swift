@@ -297,13 +297,21 @@ extension Tensor {
     /// −1, 0 or 1 by the sign of each element; no gradient.
     public func sign() -> Tensor { unary("sign", Sign.self, differentiable: false) }
 
+    /// x + s elementwise.
     public static func + (x: Tensor, s: Double) -> Tensor { x.unary("add", Affine.self, 1, s) }
+    /// s + x elementwise.
     public static func + (s: Double, x: Tensor) -> Tensor { x.unary("add", Affine.self, 1, s) }
+    /// x − s elementwise.
     public static func - (x: Tensor, s: Double) -> Tensor { x.unary("sub", Affine.self, 1, -s) }
+    /// s − x elementwise.
     public static func - (s: Double, x: Tensor) -> Tensor { x.unary("rsub", Affine.self, -1, s) }
+    /// x · s elementwise.
     public static func * (x: Tensor, s: Double) -> Tensor { x.unary("mul", Affine.self, s, 0) }
+    /// s · x elementwise.
     public static func * (s: Double, x: Tensor) -> Tensor { x.unary("mul", Affine.self, s, 0) }
+    /// x / s elementwise.
     public static func / (x: Tensor, s: Double) -> Tensor { x.unary("div", DivideByScalar.self, s) }
+    /// s / x elementwise.
     public static func / (s: Double, x: Tensor) -> Tensor { x.unary("rdiv", ScalarDivide.self, s) }
 }
 
@@ -440,17 +448,21 @@ extension Tensor {
         return out
     }
 
+    /// a + b with broadcasting; the gradient of a broadcast input is summed back to its shape.
     public static func + (a: Tensor, b: Tensor) -> Tensor {
         binary("add", Add.self, a, b) { g, _ in [g, g] }
     }
+    /// a − b with broadcasting.
     public static func - (a: Tensor, b: Tensor) -> Tensor {
         binary("sub", Subtract.self, a, b) { g, _ in [g, -g] }
     }
     // Gradients are computed only for inputs that need them (a mask or a constant operand
     // costs nothing on the way back).
+    /// a ⊙ b (elementwise) with broadcasting.
     public static func * (a: Tensor, b: Tensor) -> Tensor {
         binary("mul", Multiply.self, a, b) { g, _ in [a._requiresGrad ? g * b : nil, b._requiresGrad ? g * a : nil] }
     }
+    /// a / b elementwise with broadcasting.
     public static func / (a: Tensor, b: Tensor) -> Tensor {
         binary("div", Divide.self, a, b) { g, y in [a._requiresGrad ? g / b : nil, b._requiresGrad ? -g * y / b : nil] }
     }
@@ -493,11 +505,17 @@ extension Tensor {
     public func eq(_ other: Tensor) -> Tensor { Kappa.binaryKernel("eq", Equal.self, self, other) }
     /// 1 where self ≠ other.
     public func ne(_ other: Tensor) -> Tensor { Kappa.binaryKernel("ne", NotEqual.self, self, other) }
+    /// 1 where x > s, else 0 (no gradient).
     public func gt(_ s: Double) -> Tensor { gt(Tensor(scalar: s, dtype: dtype)) }
+    /// 1 where x ≥ s, else 0 (no gradient).
     public func ge(_ s: Double) -> Tensor { ge(Tensor(scalar: s, dtype: dtype)) }
+    /// 1 where x < s, else 0 (no gradient).
     public func lt(_ s: Double) -> Tensor { lt(Tensor(scalar: s, dtype: dtype)) }
+    /// 1 where x ≤ s, else 0 (no gradient).
     public func le(_ s: Double) -> Tensor { le(Tensor(scalar: s, dtype: dtype)) }
+    /// 1 where x = s, else 0 (no gradient).
     public func eq(_ s: Double) -> Tensor { eq(Tensor(scalar: s, dtype: dtype)) }
+    /// 1 where x ≠ s, else 0 (no gradient).
     public func ne(_ s: Double) -> Tensor { ne(Tensor(scalar: s, dtype: dtype)) }
 
     // MARK: where
