@@ -70,7 +70,7 @@ struct KoLeoOptions: ParsableArguments {
 }
 
 var arguments = Array(CommandLine.arguments.dropFirst())
-var weight = 0.1
+var weight = KoLeoOptions().koleoWeight
 if let i = arguments.firstIndex(of: "--koleo-weight") {
     let pair = Array(arguments[i..<Swift.min(i + 2, arguments.count)])
     let options = KoLeoOptions.parseOrExit(pair)
@@ -82,7 +82,7 @@ if let i = arguments.firstIndex(of: "--koleo-weight") {
 KappaCommand.name = "KoLeo"
 KappaCommand.objectiveName = "dino-vmf+koleo"
 KappaCommand.defaultMethod = .dinoVMF
-KappaCommand.discussion = "DINO-vMF plus DINOv2's KoLeo term. --koleo-weight λ (default 0.1) sets the term's weight; every other option is DINOvMF's."
+KappaCommand.discussion = "DINO-vMF plus DINOv2's KoLeo term. --koleo-weight λ (default \(weight)) sets the term's weight; every other option is DINOvMF's."
 KappaCommand.makeObjective = { c in
     guard c.ibot == nil else { throw ValidationError("KoLeo builds on DINO's [CLS] loss: use --method dino-vmf or dino") }
     return KoLeoDINO(configuration: c, weight: weight)

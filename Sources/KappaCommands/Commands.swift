@@ -248,10 +248,11 @@ public struct Common: ParsableArguments {
     var seed: UInt64 = 0
     @Option(help: "Threads for kernels and BLAS (default: all cores).")
     var threads: Int?
-    @Option(help: "Evaluate every N epochs (and at the end).")
-    var evalEvery = 5
+    @Option(help: "Evaluate every N epochs (and at the end). Default: \(TrainingSession.defaultEvaluateEvery).")
+    var evalEvery: Int?
 
     func apply() throws {
+        if let evalEvery, evalEvery < 1 { throw ValidationError("--eval-every must be at least 1") }
         if let threads {
             guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
             Threads.count = threads
@@ -326,7 +327,7 @@ struct Train: ParsableCommand {
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: try Evaluator(reference: train, test: test),
                                       output: common.output)
-        session.evaluateEvery = common.evalEvery
+        if let every = common.evalEvery { session.evaluateEvery = every }
         session.linearProbe = !noLinearProbe
         session.name = method
         let outcome = try runStoppable(session, resume: resume)

@@ -94,8 +94,6 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     /// The defaults of every field.
     public init() {
         loss.dimension = bottleneck
-        loss.teacherTemperature = 0.04
-        loss.warmupTeacherTemperature = 0.04
     }
 
     /// DINO as published: normalized prototypes, no vMF term, logit centering.

@@ -156,8 +156,11 @@ public struct BlockMasking: Sendable, Codable, Equatable {
     /// The smallest rectangle, in patches.
     public var minimumBlock: Int = 4
 
-    /// Masking with iBOT's defaults unless given.
-    public init(ratio: ClosedRange<Double> = 0.1...0.5, probability: Double = 0.5, minimumBlock: Int = 4) {
+    /// iBOT's masking (the defaults above).
+    public init() {}
+
+    /// Masking with these settings.
+    public init(ratio: ClosedRange<Double>, probability: Double, minimumBlock: Int) {
         (self.ratio, self.probability, self.minimumBlock) = (ratio, probability, minimumBlock)
     }
 

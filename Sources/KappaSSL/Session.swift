@@ -12,8 +12,10 @@ public final class TrainingSession {
     public let evaluator: Evaluator
     /// The output folder.
     public let output: String
-    /// Evaluate every this many epochs (and after the last).
-    public var evaluateEvery = 5
+    /// Evaluate every this many epochs (and after the last); default ``defaultEvaluateEvery``.
+    public var evaluateEvery = TrainingSession.defaultEvaluateEvery
+    /// 5: the kNN evaluation and its two baselines take about a tenth of an epoch each.
+    public static let defaultEvaluateEvery = 5
     /// Run the linear probe in the final evaluation.
     public var linearProbe = true
     /// The name on the plots and in the report.
@@ -46,6 +48,7 @@ public final class TrainingSession {
 
     /// Trains to the end (or to Ctrl-C), resuming from the output folder's checkpoint when `resume`.
     public func run(resume: Bool = false) throws -> Outcome {
+        guard evaluateEvery >= 1 else { throw TrainerError("evaluateEvery must be at least 1, not \(evaluateEvery)") }
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
         if resume {
             guard FileManager.default.fileExists(atPath: checkpointURL.path) else {

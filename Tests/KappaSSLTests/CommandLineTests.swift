@@ -4,7 +4,7 @@ import Testing
 
 /// How the command line resolves the views it does not name: the defaults that depend on
 /// the preset and on the data.
-@Suite("Command line: view defaults")
+@Suite("Command line: defaults and views")
 struct CommandLineTests {
     static func views(_ arguments: [String], builtin: Bool) throws -> MultiCropAugmentation {
         try ModelOptions.parse(arguments).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: builtin).augmentation
@@ -29,5 +29,27 @@ struct CommandLineTests {
         #expect(try Self.views(["--global-crop-min", "0.5"], builtin: false).localScale == 0.5...0.5)
         #expect(try Self.views(["--global-crop-min", "0.5", "--local-crop-min", "0.2"], builtin: false).localScale == 0.2...0.5)
         #expect(throws: (any Error).self) { try Self.views(["--local-crop-min", "0.95"], builtin: false) }
+    }
+
+    @Test func optionsOnlyOverrideTheConfigurationsDefaults() throws {
+        // No option given: exactly the preset, for each method and both kinds of data.
+        for method in SSLMethod.allCases {
+            for builtin in [false, true] {
+                let parsed = try ModelOptions.parse(["--method", method.rawValue])
+                    .configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: builtin)
+                #expect(parsed == (try DINOConfiguration.preset(method: method, mixedPolarity: builtin)), "\(method) builtin \(builtin)")
+            }
+        }
+        // The help shows the configuration's values, not numbers of its own.
+        let help = ModelOptions.helpMessage(columns: 10_000)
+        let d = DINOConfiguration()
+        for value in ["Default: \(d.prototypes).", "Default: \(d.bottleneck).", "Default: \(d.teacherMomentum).", "Default: \(d.loss.teacherTemperature)."] {
+            #expect(help.contains(value), "\(value)")
+        }
+        // --epochs alone shortens the warmup with it.
+        let short = try ModelOptions.parse(["--epochs", "1"]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false)
+        #expect(short.epochs == 1 && short.warmupEpochs == 1)
+        #expect(throws: (any Error).self) { try ModelOptions.parse(["--epochs", "1", "--warmup-epochs", "2"]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false) }
+        #expect(throws: (any Error).self) { try ModelOptions.parse(["--lr", "inf"]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false) }
     }
 }

@@ -48,7 +48,7 @@ struct IBOTTests {
 
     @Test func blockMasking() {
         var g = RandomGenerator(seed: 1)
-        let masking = BlockMasking(ratio: 0.2...0.4, probability: 0.5)
+        let masking = BlockMasking(ratio: 0.2...0.4, probability: 0.5, minimumBlock: 4)
         let m = masking.masks(count: 400, height: 8, width: 8, using: &g)
         let perImage = m.sum(alongAxis: 1).doubles
         let maskedImages = perImage.filter { $0 > 0 }
