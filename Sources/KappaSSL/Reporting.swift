@@ -5,6 +5,8 @@ public final class MetricsLog {
     let handle: FileHandle
     /// The file.
     public let path: String
+    /// The records kept from the old log when resuming (one JSON object per line), in order.
+    public private(set) var keptRecords: [Data] = []
 
     /// Opens the log at `path`: a new one, or, resuming a run from a checkpoint at `resumingAt`,
     /// the old one without the records written after that checkpoint (and without a line cut
@@ -17,7 +19,11 @@ public final class MetricsLog {
             for line in old.split(separator: 0x0A) {
                 guard let l = try? JSONDecoder().decode(Line.self, from: Data(line)) else { continue }
                 let keep = l.kind == "step" ? (l.step ?? .max) < checkpoint.step : (l.epoch ?? .max) <= checkpoint.epoch
-                if keep { kept.append(contentsOf: line); kept.append(0x0A) }
+                if keep {
+                    kept.append(contentsOf: line)
+                    kept.append(0x0A)
+                    keptRecords.append(Data(line))
+                }
             }
         }
         guard FileManager.default.createFile(atPath: path, contents: kept) else {

@@ -59,6 +59,7 @@ public final class TrainingSession {
         }
         let metrics = try MetricsLog(path: output + "/metrics.jsonl",
                                      resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
+        var resumedMeans = restore(from: metrics.keptRecords)
         let start = Date()
         let c = trainer.configuration
         let total = trainer.totalSteps
@@ -66,7 +67,8 @@ public final class TrainingSession {
         var diverged = false, interrupted = false
         var stepStart = Date(), stepsTimed = 0
         while !trainer.isFinished {
-            var epochMeans = EpochMeans()
+            var epochMeans = resumedMeans
+            resumedMeans = EpochMeans()
             let completed = trainer.trainEpoch(onStep: { s in
                 metrics.write("step", s)
                 losses.append((Double(s.step), s.loss))
@@ -122,13 +124,14 @@ public final class TrainingSession {
 
     /// The means of an epoch's steps: the loss, its terms and the monitors, by key.
     struct EpochMeans {
-        var sums: [(key: String, sum: Double)] = []
+        var sums: [String: Double] = [:]
         var n = 0.0
-        mutating func add(_ s: StepLog) {
-            let values = [("loss", s.loss)] + (s.terms + s.monitors).map { ($0.key, $0.value) }
-            if sums.isEmpty { sums = values.map { ($0.0, 0) } }
-            for (i, v) in values.enumerated() where i < sums.count && sums[i].key == v.0 { sums[i].sum += v.1 }
+        mutating func add(_ values: [(String, Double)]) {
+            for (k, v) in values { sums[k, default: 0] += v }
             n += 1
+        }
+        mutating func add(_ s: StepLog) {
+            add([("loss", s.loss)] + (s.terms + s.monitors).map { ($0.key, $0.value) })
         }
         func record(epoch: Int) -> [String: Double] {
             var r: [String: Double] = ["epoch": Double(epoch)]
@@ -136,6 +139,48 @@ public final class TrainingSession {
             return r
         }
     }
+
+    /// The step records' fields that are not the loss, a term or a monitor.
+    static let scheduleKeys: Set<String> = ["kind", "epoch", "step", "learningRate", "weightDecay", "teacherMomentum"]
+
+    /// What a resumed run takes over from the log it continues: the loss curve, the
+    /// evaluations, and the sums of the current epoch's steps before the checkpoint, so that its
+    /// epoch record and plots equal an uninterrupted run's.
+    func restore(from records: [Data]) -> EpochMeans {
+        var means = EpochMeans()
+        let decoder = JSONDecoder()
+        decoder.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        /// A field of a record: a number (the log writes NaN and infinities as strings) or anything else.
+        struct Field: Decodable {
+            let number: Double?
+            init(from decoder: Decoder) throws {
+                let c = try decoder.singleValueContainer()
+                if let d = try? c.decode(Double.self) { number = d; return }
+                let s = try? c.decode(String.self)
+                number = s == "nan" ? .nan : s == "inf" ? .infinity : s == "-inf" ? -.infinity : nil
+            }
+        }
+        struct Kind: Decodable { let kind: String }
+        for data in records {
+            // JSONDecoder reads numbers back exactly as they were written.
+            guard let kind = try? decoder.decode(Kind.self, from: data).kind else { continue }
+            switch kind {
+            case "step":
+                guard let fields = try? decoder.decode([String: Field].self, from: data),
+                      let step = fields["step"]?.number, let epoch = fields["epoch"]?.number, let loss = fields["loss"]?.number else { continue }
+                losses.append((step, loss))
+                if Int(epoch) == trainer.epoch {
+                    means.add(fields.filter { !Self.scheduleKeys.contains($0.key) }.compactMap { k, v in v.number.map { (k, $0) } })
+                }
+            case "evaluation":
+                if let report = try? decoder.decode(EvaluationReport.self, from: data) { evaluations.append(report) }
+            default:
+                break
+            }
+        }
+        return means
+    }
+
 
     func writePlots() throws {
         var smoothed: [(Double, Double)] = []

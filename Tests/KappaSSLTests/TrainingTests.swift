@@ -155,3 +155,43 @@ struct ObjectiveModuleTests {
         #expect(throws: FileError.self) { try RunCheckpoint.restore(dino, from: url) }
     }
 }
+
+@Suite("Sessions stopped and resumed")
+struct SessionResumeTests {
+    /// A run stopped mid-epoch (as Ctrl-C stops it) and resumed writes the same metrics.jsonl,
+    /// byte for byte, as the run that was never stopped, and ends with the same weights.
+    @Test(arguments: [2, 5, 6, 7])
+    func stoppedRunLogsLikeAnUninterruptedOne(stopAfter: Int) throws {
+        let data = ShapesDataset.make(count: 48, size: 16, seed: 6)
+        let test = ShapesDataset.make(count: 24, size: 16, seed: 7)
+        var c = tinyConfiguration()
+        c.epochs = 3
+        func session(_ folder: String) throws -> TrainingSession {
+            let s = TrainingSession(trainer: try TeacherStudentTrainer(configuration: c, train: data),
+                                    evaluator: try Evaluator(reference: data, test: test), output: folder)
+            (s.evaluateEvery, s.linearProbe) = (1, false)
+            return s
+        }
+        let root = NSTemporaryDirectory() + "kappa-session-\(UUID().uuidString)"
+        defer { if ProcessInfo.processInfo.environment["KEEP"] == nil { try? FileManager.default.removeItem(atPath: root) } }
+        let whole = try session(root + "/whole")
+        _ = try whole.run()
+        let stopped = try session(root + "/stopped")
+        var steps = 0
+        stopped.shouldStop = { steps += 1; return steps > stopAfter }
+        let first = try stopped.run()
+        #expect(first.interrupted)
+        let resumed = try session(root + "/stopped")
+        let second = try resumed.run(resume: true)
+        #expect(!second.interrupted && second.report != nil)
+        let a = try Data(contentsOf: URL(fileURLWithPath: root + "/whole/metrics.jsonl"))
+        let b = try Data(contentsOf: URL(fileURLWithPath: root + "/stopped/metrics.jsonl"))
+        #expect(a == b, "metrics.jsonl differs after a stop at step \(stopAfter)")
+        for (x, y) in zip(whole.trainer.teacher.stateDict(), resumed.trainer.teacher.stateDict()) {
+            #expect(x.tensor.rawBytes() == y.tensor.rawBytes(), "\(x.name)")
+        }
+        let plotA = try String(contentsOfFile: root + "/whole/loss.svg", encoding: .utf8)
+        let plotB = try String(contentsOfFile: root + "/stopped/loss.svg", encoding: .utf8)
+        #expect(plotA == plotB, "the loss plot covers the whole run")
+    }
+}
