@@ -22,15 +22,25 @@ public struct DataOptions: ParsableArguments {
 
     var isBuiltin: Bool { data == "builtin" }
 
+    /// The training and evaluation splits. Splits of a file set that do not fit are shrunk,
+    /// with a warning line.
     func load(seed: UInt64) throws -> (train: ImageDataset, test: ImageDataset) {
+        guard trainCount >= 1 else { throw ValidationError("--train-count must be at least 1, not \(trainCount)") }
+        guard evalCount >= 1 else { throw ValidationError("--eval-count must be at least 1, not \(evalCount)") }
         if isBuiltin {
+            guard trainCount <= 1 << 20 && evalCount <= 1 << 20 else {
+                throw ValidationError("--train-count and --eval-count must lie in 1...\(1 << 20) for the built-in data")
+            }
             return ShapesDataset.splits(train: trainCount, evaluation: evalCount, seed: seed)
         }
         let all = try DatasetFiles.load(data)
-        guard all.labels != nil else { throw ValidationError("\(data): evaluation needs labels, and none were found") }
-        guard all.count >= 2 else { throw ValidationError("\(data): only \(all.count) images") }
+        guard all.labels != nil else { throw FileError(path: data, problem: "evaluation needs labels, and none were found") }
+        guard all.count >= 2 else { throw FileError(path: data, problem: "only \(all.count) images; training and evaluation need at least one each") }
         let test = Swift.min(evalCount, all.count / 2)
         let train = Swift.min(trainCount, all.count - test)
+        if test < evalCount || train < trainCount {
+            warn("\(data) has \(all.count) images: training on the first \(train) (--train-count \(trainCount)) and evaluating on the last \(test) (--eval-count \(evalCount))")
+        }
         return (all.subset(0..<train), all.subset((all.count - test)..<all.count))
     }
 }
@@ -240,23 +250,60 @@ public struct ModelOptions: ParsableArguments {
     }
 }
 
+/// The system's reason for a failed file operation, without Foundation's dump.
+func reason(_ error: Error) -> String {
+    let ns = error as NSError
+    if let u = ns.userInfo[NSUnderlyingErrorKey] as? NSError, u.domain == NSPOSIXErrorDomain { return String(cString: strerror(Int32(u.code))) }
+    if ns.domain == NSPOSIXErrorDomain { return String(cString: strerror(Int32(ns.code))) }
+    return ns.localizedDescription
+}
+
+/// A warning line: legal but surprising (a shrunken split, a clamped warmup).
+func warn(_ message: String) {
+    print("warning: " + message)
+    fflush(stdout)
+}
+
+/// Threads, for every subcommand.
+public struct ThreadOptions: ParsableArguments {
+    public init() {}
+    @Option(help: "Threads for kernels and BLAS (default: all cores).")
+    var threads: Int?
+
+    func apply() throws {
+        if let threads {
+            guard (1...1024).contains(threads) else { throw ValidationError("--threads must lie in 1...1024, not \(threads)") }
+            Threads.count = threads
+        }
+    }
+}
+
+/// The options of a training run's outputs.
 public struct Common: ParsableArguments {
     public init() {}
-    @Option(help: "Output folder for metrics.jsonl, plots (SVG) and checkpoint.safetensors.")
+    @Option(help: "Output folder for metrics.jsonl, plots (SVG) and checkpoint.safetensors (created if missing).")
     var output = "runs/" + (KappaCommand.objectiveName ?? KappaCommand.defaultMethod.rawValue)
     @Option(help: "Random seed: the same seed gives the same run.")
     var seed: UInt64 = 0
-    @Option(help: "Threads for kernels and BLAS (default: all cores).")
-    var threads: Int?
+    @OptionGroup var threading: ThreadOptions
     @Option(help: "Evaluate every N epochs (and at the end). Default: \(TrainingSession.defaultEvaluateEvery).")
     var evalEvery: Int?
 
     func apply() throws {
-        if let evalEvery, evalEvery < 1 { throw ValidationError("--eval-every must be at least 1") }
-        if let threads {
-            guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
-            Threads.count = threads
+        if let evalEvery, evalEvery < 1 { throw ValidationError("--eval-every must be at least 1, not \(evalEvery)") }
+        try threading.apply()
+        // The output folder: a folder, or a path where one can be made.
+        var isFolder: ObjCBool = false
+        if FileManager.default.fileExists(atPath: output, isDirectory: &isFolder) {
+            guard isFolder.boolValue else { throw ValidationError("--output \(output) is a file, not a folder") }
+        } else {
+            do {
+                try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+            } catch {
+                throw ValidationError("--output \(output): the folder cannot be made (\(reason(error))); name a writable folder")
+            }
         }
+        guard FileManager.default.isWritableFile(atPath: output) else { throw ValidationError("--output \(output) is not writable") }
     }
 }
 
@@ -279,7 +326,8 @@ public struct KappaCommand: ParsableCommand {
         CommandConfiguration(
             commandName: name,
             abstract: "Self-supervised \(defaultMethod.isIBOT ? "iBOT-vMF / iBOT" : "DINO-vMF / DINO") training and evaluation on a CPU.",
-            discussion: discussion, subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
+            discussion: (discussion.isEmpty ? "" : discussion + "\n\n")
+                + "Exit status: 0 done; 1 a data or checkpoint error (the message names the file); 2 the loss became NaN; 64 a usage error (the message names the option); 130 stopped by Ctrl-C, checkpoint saved (continue with --resume).", subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
     }
 
     public init() {}
@@ -293,19 +341,32 @@ let interruptRequested = Atomic<Bool>(false)
 func runStoppable(_ session: TrainingSession, resume: Bool = false) throws -> TrainingSession.Outcome {
     interruptRequested.store(false, ordering: .relaxed)
     signal(SIGINT) { _ in interruptRequested.store(true, ordering: .relaxed) }
+    // A parent may have blocked SIGINT (children inherit the mask): unblock it on this thread.
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
     defer { signal(SIGINT, SIG_DFL) }
     session.shouldStop = { interruptRequested.load(ordering: .relaxed) }
     return try session.run(resume: resume)
 }
 
-/// The trainer for `config` on `train`, with argument-style errors.
+/// The trainer for `config` on `train`: a batch larger than the data is a usage error, data
+/// the networks cannot take a data error (``TrainerError``, naming the file).
 func makeTrainer(_ config: DINOConfiguration, _ train: ImageDataset) throws -> TeacherStudentTrainer {
-    let objective = try KappaCommand.makeObjective?(config)
-    do {
-        return try TeacherStudentTrainer(configuration: config, objective: objective, train: train)
-    } catch let e as TrainerError {
-        throw ValidationError(e.problem)
+    guard config.batchSize <= train.count else {
+        throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images of \(train.source)")
     }
+    let objective = try KappaCommand.makeObjective?(config)
+    return try TeacherStudentTrainer(configuration: config, objective: objective, train: train)
+}
+
+/// Images that no configuration can take: not square, or smaller than 4 pixels.
+func checkImages(_ d: ImageDataset) throws {
+    guard d.height == d.width else {
+        throw FileError(path: d.source, problem: "images of \(d.height)×\(d.width) pixels; the views are square crops, so the images must be square")
+    }
+    guard d.height >= 4 else { throw FileError(path: d.source, problem: "images of \(d.height)×\(d.width) pixels; at least 4×4 are needed") }
 }
 
 struct Train: ParsableCommand {
@@ -321,8 +382,12 @@ struct Train: ParsableCommand {
     func run() throws {
         try common.apply()
         let (train, test) = try data.load(seed: common.seed)
+        try checkImages(train)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
                                              mixedPolarity: data.isBuiltin)
+        if model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
+            warn("the learning-rate warmup is \(config.warmupEpochs) epoch\(config.warmupEpochs == 1 ? "" : "s"), clamped to --epochs \(config.epochs)")
+        }
         let method = KappaCommand.objectiveName ?? model.resolvedMethod.rawValue
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: try Evaluator(reference: train, test: test),
@@ -331,7 +396,10 @@ struct Train: ParsableCommand {
         session.linearProbe = !noLinearProbe
         session.name = method
         let outcome = try runStoppable(session, resume: resume)
-        if outcome.interrupted { print("stopped; continue with --resume --output \(common.output)"); return }
+        if outcome.interrupted {
+            print("stopped; continue with --resume --output \(common.output)")
+            throw ExitCode(130)
+        }
         if let r = outcome.report {
             print("\n" + TrainingSession.describe(r, name: method, seconds: outcome.seconds))
             print("outputs in \(common.output)/: metrics.jsonl, loss.svg, knn.svg, norms.svg, utilization.svg, checkpoint.safetensors")
@@ -345,15 +413,18 @@ struct Eval: ParsableCommand {
     @Option(help: "checkpoint.safetensors written by train.")
     var checkpoint: String
     @OptionGroup var data: DataOptions
-    @OptionGroup var common: Common
+    @OptionGroup var threading: ThreadOptions
 
     func run() throws {
-        try common.apply()
+        try threading.apply()
         let url = URL(fileURLWithPath: checkpoint)
         let config = try RunCheckpoint.configuration(in: url)
         let (train, test) = try data.load(seed: config.seed)
-        let trainer = try makeTrainer(config, train)
-        try RunCheckpoint.restore(trainer, from: url)
+        for split in [train, test] { try config.check(split) }
+        // Evaluation needs the networks only: no batch of training images.
+        let trainer = try TeacherStudentTrainer(configuration: config, objective: try KappaCommand.makeObjective?(config),
+                                                iterationsPerEpoch: Swift.max(1, train.count / config.batchSize))
+        try RunCheckpoint.restore(trainer, from: url, checkingData: false)
         let start = Date()
         let report = try Evaluator(reference: train, test: test).evaluate(trainer)
         print(TrainingSession.describe(report, name: checkpoint, seconds: Date().timeIntervalSince(start)))
@@ -370,7 +441,9 @@ struct Ablation: ParsableCommand {
 
     func run() throws {
         try common.apply()
+        guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
         let (train, test) = try data.load(seed: common.seed)
+        try checkImages(train)
         let evaluator = try Evaluator(reference: train, test: test)
         var rows: [String] = []
         for normalized in [true, false] {

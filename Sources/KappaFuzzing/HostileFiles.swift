@@ -139,7 +139,8 @@ public enum HostileFiles {
 
     static func be32(_ v: Int) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
 
-    static func npy(descr: String, shape: [Int], payload: [UInt8]) -> [UInt8] {
+    /// A well-formed version-1 `.npy` file of `shape` holding `payload`.
+    public static func npy(descr: String, shape: [Int], payload: [UInt8]) -> [UInt8] {
         let dims = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var header = "{'descr': '\(descr)', 'fortran_order': False, 'shape': \(dims), }"
         while (10 + header.utf8.count + 1) % 64 != 0 { header += " " }

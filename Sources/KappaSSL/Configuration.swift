@@ -103,6 +103,32 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
         loss.probabilityCentering = false
     }
 
+    /// The image channels the backbone takes.
+    public var channels: Int {
+        switch backbone {
+        case .vit(let v): return v.channels
+        case .resnet(_, let c): return c
+        }
+    }
+
+    /// Throws ``TrainerError`` when `images` cannot go through this configuration's networks:
+    /// another number of channels, images that are not square (the views are square crops) or
+    /// smaller than 4 pixels, or (ViT) a side that does not divide into patches.
+    public func check(_ images: ImageDataset) throws {
+        guard images.channels == channels else {
+            throw TrainerError("\(images.source): images of \(images.channels) channels, but the backbone takes \(channels)")
+        }
+        guard images.height == images.width else {
+            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; the views are square crops, so the images must be square")
+        }
+        guard images.height >= 4 else {
+            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; at least 4×4 are needed (local crops of half the size)")
+        }
+        if case .vit(let v) = backbone, images.height % v.patchSize != 0 {
+            throw TrainerError("\(images.source): images of \(images.height) pixels do not divide into the ViT's \(v.patchSize)-pixel patches")
+        }
+    }
+
     /// The objective this configuration describes: ``IBOTObjective`` with ``ibot``, else
     /// ``DINOObjective``.
     public func makeObjective() -> SelfSupervisedObjective {
@@ -158,6 +184,9 @@ extension DINOConfiguration {
     /// built-in shapes) half of the views are inverted.
     public static func preset(method: SSLMethod = .dinoVMF, backbone: BackbonePreset? = nil, imageSize: Int = 28, channels: Int = 1,
                               mixedPolarity: Bool = false) throws -> DINOConfiguration {
+        guard imageSize >= 4, channels >= 1 else {
+            throw ObjectiveStateError("images of \(imageSize) pixels and \(channels) channels: at least 4 pixels and one channel are needed")
+        }
         var c = DINOConfiguration()
         if !method.isVMF { c.useDINO() }
         let kind = backbone ?? method.defaultBackbone

@@ -230,6 +230,7 @@ public enum DatasetFiles {
             throw DatasetError(path: images, problem: "shape \(shape) is not N×H×W or N×H×W×C with C = 1 or 3")
         }
         let (n, h, w, c) = (shape[0], shape[1], shape[2], shape.count == 4 ? shape[3] : 1)
+        guard n > 0, h > 0, w > 0 else { throw DatasetError(path: images, problem: "shape \(shape) holds no pixels") }
         var values: [Float]
         switch descr {
         case "|u1", "<u1", "u1": values = payload.map { Float($0) / 255 }
@@ -237,6 +238,9 @@ public enum DatasetFiles {
             values = [Float](repeating: 0, count: payload.count / 4)
             payload.withUnsafeBytes { raw in
                 for i in 0..<values.count { values[i] = Float(bitPattern: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self).littleEndian) }
+            }
+            if let bad = values.firstIndex(where: { !$0.isFinite }) {
+                throw DatasetError(path: images, problem: "pixel \(bad) (image \(bad / Swift.max(h * w * c, 1))) is \(values[bad]); pixels must be finite")
             }
         default: throw DatasetError(path: images, problem: "images must be uint8 or float32, not \(descr)")
         }

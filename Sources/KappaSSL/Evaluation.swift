@@ -161,8 +161,15 @@ public final class Evaluator {
         guard reference.count >= 1, test.count >= 1 else {
             throw TrainerError("evaluation needs images in both splits: \(reference.count) reference, \(test.count) test")
         }
-        (self.reference, self.test, self.trainLabels, self.testLabels) = (reference, test, trainLabels, testLabels)
-        classes = Swift.max(reference.classCount, test.classCount)
+        // Labels become dense class indices, so that the classifiers' sizes follow the number
+        // of classes, not the largest label.
+        let classIDs = Array(Set(trainLabels).union(testLabels)).sorted()
+        var index: [Int: Int] = [:]
+        for (i, label) in classIDs.enumerated() { index[label] = i }
+        (self.reference, self.test) = (reference, test)
+        self.trainLabels = trainLabels.map { index[$0]! }
+        self.testLabels = testLabels.map { index[$0]! }
+        classes = classIDs.count
     }
 
     /// Evaluates the trainer's teacher (backbone features for kNN and the probe, the head for

@@ -12,6 +12,14 @@ public enum RunCheckpoint {
     static let objectiveKey = "objective"
 
     /// The objective's description when it has one (it should name its own settings), else its type.
+    /// The metadata key of the training data's identity.
+    static let dataKey = "data"
+
+    /// What a trainer trains on: its source and the number of images.
+    static func dataIdentity(_ d: ImageDataset?) -> String? {
+        d.map { "\($0.source), \($0.count) images of \($0.channels)×\($0.height)×\($0.width)" }
+    }
+
     static func objectiveName(_ o: SelfSupervisedObjective) -> String {
         (o as? CustomStringConvertible)?.description ?? String(describing: type(of: o))
     }
@@ -25,13 +33,15 @@ public enum RunCheckpoint {
                                     extra: trainer.objective.state,
                                     state: TrainingState(step: trainer.step, epoch: trainer.epoch, generator: trainer.generator,
                                                          configuration: [configurationKey: config,
-                                                                         objectiveKey: objectiveName(trainer.objective)]))
+                                                                         objectiveKey: objectiveName(trainer.objective)]
+                                                             .merging(dataIdentity(trainer.train).map { [dataKey: $0] } ?? [:]) { a, _ in a }))
     }
 
     /// Restores a run saved by ``save(_:to:)`` into a trainer made with the same
-    /// configuration (checked) and objective. Throws `CheckpointError` (KappaNN's `FileError`) naming the file and
-    /// the problem; the trainer is only changed when everything fits.
-    public static func restore(_ trainer: TeacherStudentTrainer, from url: URL) throws {
+    /// configuration, objective and (with `checkingData`, when both know it) training data, all
+    /// checked. Throws `CheckpointError` (KappaNN's `FileError`) naming the file and the problem;
+    /// the trainer is only changed when everything fits.
+    public static func restore(_ trainer: TeacherStudentTrainer, from url: URL, checkingData: Bool = true) throws {
         let saved = try configuration(in: url)
         guard saved == trainer.configuration else {
             throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))")
@@ -42,6 +52,11 @@ public enum RunCheckpoint {
         if let json = meta["kappa.training_state"], let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
            let saved = state.configuration[objectiveKey], saved != objectiveName(trainer.objective) {
             throw CheckpointError(path: url.path, problem: "it was written by a run of \(saved), not \(objectiveName(trainer.objective))")
+        }
+        if checkingData, let json = meta["kappa.training_state"],
+           let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
+           let saved = state.configuration[dataKey], let mine = dataIdentity(trainer.train), saved != mine {
+            throw CheckpointError(path: url.path, problem: "it was trained on \(saved), not on \(mine)")
         }
         var extra: [String: Tensor] = [:]
         for (name, t) in tensors where name.hasPrefix("extra.") { extra[String(name.dropFirst(6))] = t }

@@ -60,6 +60,10 @@ public final class TrainingSession {
         let metrics = try MetricsLog(path: output + "/metrics.jsonl",
                                      resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
         var resumedMeans = restore(from: metrics.keptRecords)
+        if resume && trainer.isFinished {
+            log("the run in \(output) has finished its \(trainer.configuration.epochs) epochs: nothing to resume (a longer run is a new run, with another --output)")
+            return Outcome(report: evaluations.last, interrupted: false, diverged: false, seconds: 0)
+        }
         let start = Date()
         let c = trainer.configuration
         let total = trainer.totalSteps

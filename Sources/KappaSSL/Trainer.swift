@@ -86,6 +86,7 @@ public final class TeacherStudentTrainer {
         guard train.count >= c.batchSize else {
             throw TrainerError("\(train.source): \(train.count) training images, fewer than a batch of \(c.batchSize)")
         }
+        try c.check(train)
         try self.init(configuration: c, objective: objective, iterationsPerEpoch: train.count / c.batchSize, train: train)
     }
 

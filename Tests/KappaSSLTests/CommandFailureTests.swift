@@ -1,0 +1,151 @@
+import Foundation
+import Kappa
+import KappaFuzzing
+import KappaNN
+import KappaSSL
+import Testing
+
+/// The eleven failures of the command line that issue 15 lists, each run against the built
+/// `DINOvMF` program: every one ends with an exit status a script can rely on (never a signal
+/// or a Swift runtime trap) and a message naming the option or the file, or with a correct run.
+@Suite("Command line: no trap on bad arguments, files or resumes",
+       .enabled(if: CrashTests.program != nil, "needs the DINOvMF program beside the test bundle (swift build)"))
+struct CommandFailureTests {
+    struct Run {
+        let status: Int32, reason: Process.TerminationReason, output: String
+        var trapped: Bool { reason == .uncaughtSignal || output.contains("Fatal error") || output.contains("precondition") }
+    }
+
+    /// Runs DINOvMF with `arguments`; sends SIGINT once the file `interruptWhen` exists (the
+    /// run's metrics log: training has started) when given.
+    static func run(_ arguments: [String], interruptWhen: String? = nil) throws -> Run {
+        let p = Process()
+        p.executableURL = CrashTests.program!
+        p.arguments = arguments
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        if let interruptWhen {
+            let start = Date()
+            while !FileManager.default.fileExists(atPath: interruptWhen) && Date().timeIntervalSince(start) < 120 {
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            Thread.sleep(forTimeInterval: 0.5)
+            kill(p.processIdentifier, SIGINT)
+        }
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return Run(status: p.terminationStatus, reason: p.terminationReason, output: output)
+    }
+
+    static let folder = FileManager.default.temporaryDirectory.appendingPathComponent("kappa-cli-\(UUID().uuidString)")
+    static func path(_ name: String) -> String { folder.appendingPathComponent(name).path }
+
+    /// A tiny training run: 32 images, one thread, a ResNet of width 2.
+    static let tiny = ["--train-count", "32", "--eval-count", "16", "--batch-size", "16", "--prototypes", "16", "--head-hidden", "16",
+                       "--bottleneck", "8", "--resnet-width", "2", "--no-linear-probe", "--threads", "1"]
+
+    /// Writes images (and, unless `labeled` is false, `<name>_labels.npy` beside them).
+    static func writeNPY(_ name: String, descr: String = "|u1", shape: [Int], payload: [UInt8]? = nil, labeled: Bool = true) throws -> String {
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let bytes = payload ?? [UInt8](repeating: 128, count: shape.reduce(1, *))
+        try Data(HostileFiles.npy(descr: descr, shape: shape, payload: bytes)).write(to: URL(fileURLWithPath: path(name)))
+        if labeled && !name.hasSuffix("labels.npy") {
+            let labels = (0..<shape[0]).flatMap { i in withUnsafeBytes(of: Int64(i % 10).littleEndian) { Array($0) } }
+            let stem = String(name.dropLast(4))
+            try Data(HostileFiles.npy(descr: "<i8", shape: [shape[0]], payload: labels)).write(to: URL(fileURLWithPath: path(stem + "_labels.npy")))
+        }
+        return path(name)
+    }
+
+    func expectUsage(_ arguments: [String], naming option: String) throws {
+        let r = try Self.run(arguments)
+        #expect(!r.trapped && r.status == 64 && r.output.contains(option), "\(arguments): status \(r.status)\n\(r.output.suffix(600))")
+    }
+
+    func expectDataError(_ arguments: [String], saying text: String) throws {
+        let r = try Self.run(arguments)
+        #expect(!r.trapped && r.status == 1 && r.output.contains(text), "\(arguments): status \(r.status)\n\(r.output.suffix(600))")
+    }
+
+    @Test func argumentsOutOfRangeNameTheOption() throws {
+        try expectUsage(["--eval-count", "0"], naming: "--eval-count")                    // 1
+        try expectUsage(["--eval-every", "0"], naming: "--eval-every")                    // 2
+        try expectUsage(["--lr", "inf"], naming: "--lr")                                  // 10
+        try expectUsage(["--prototypes", "0"], naming: "--prototypes")                    // 10
+        try expectUsage(["--epochs", "1", "--warmup-epochs", "2"], naming: "--warmup-epochs")
+        try expectUsage(["--output", "/proc/kappa-x"], naming: "--output")                // 10
+        try FileManager.default.createDirectory(at: Self.folder, withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: Self.path("a-file"), contents: Data([1]))
+        try expectUsage(["--output", Self.path("a-file")], naming: "is a file")           // 10
+        let evalHelp = try Self.run(["eval", "--help"]).output
+        #expect(!evalHelp.contains("--output") && !evalHelp.contains("--eval-every"), "eval lists only what it uses")
+    }
+
+    @Test func filesThatNoNetworkCanTakeAreRefusedWithTheirName() throws {
+        let oneByOne = try Self.writeNPY("one.npy", shape: [100, 1, 1])                               // 3
+        try expectDataError(["--data", oneByOne], saying: oneByOne)
+        let empty = try Self.writeNPY("empty.npy", shape: [100, 0, 28], payload: [])
+        try expectDataError(["--data", empty], saying: "holds no pixels")
+        let wide = try Self.writeNPY("wide.npy", shape: [100, 28, 32])                                // 11
+        try expectDataError(["--data", wide], saying: "square")
+        var floats = [Float](repeating: 0.5, count: 100 * 28 * 28)
+        floats[28 * 28 * 3 + 5] = .nan                                                                // 11
+        let nan = try Self.writeNPY("nan.npy", descr: "<f4", shape: [100, 28, 28],
+                                    payload: floats.withUnsafeBytes { Array($0) })
+        try expectDataError(["--data", nan], saying: "image 3")
+    }
+
+    @Test func shrunkSplitsWarnAndEvalTakesFewImagesAndRefusesOtherChannels() throws {
+        let root = Self.folder.appendingPathComponent("splits")
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        let images = try Self.writeNPY("splits/images.npy", shape: [100, 28, 28], labeled: false)
+        let labels = (0..<100).flatMap { i -> [UInt8] in withUnsafeBytes(of: Int64(i % 10 == 0 ? 1_000_000 : i % 10).littleEndian) { Array($0) } }
+        _ = try Self.writeNPY("splits/labels.npy", descr: "<i8", shape: [100], payload: labels)
+        // 11: both splits shrunk, said on a warning line; 6: a label of a million does not size anything.
+        let r = try Self.run(["--data", images, "--train-count", "80", "--eval-count", "80", "--epochs", "1", "--output", Self.path("run-split")]
+                             + Self.tiny.dropFirst(4))
+        #expect(!r.trapped && r.status == 0 && r.output.contains("warning: ") && r.output.contains("first 50"), "\(r.output.suffix(800))")
+        #expect(r.output.contains("warning: the learning-rate warmup is 1 epoch"), "9: --epochs 1 works and says the warmup is clamped")
+        // 4: eval with fewer images than the checkpoint's batch.
+        let checkpoint = Self.path("run-split/checkpoint.safetensors")
+        let few = try Self.run(["eval", "--checkpoint", checkpoint, "--data", "builtin", "--train-count", "10", "--eval-count", "10", "--threads", "1"])
+        #expect(!few.trapped && few.status == 0 && few.output.contains("kNN"), "\(few.output.suffix(600))")
+        // 5: eval of a one-channel checkpoint on RGB images.
+        let rgb = try Self.writeNPY("rgb.npy", shape: [20, 32, 32, 3])
+        try expectDataError(["eval", "--checkpoint", checkpoint, "--data", rgb, "--threads", "1"], saying: "3 channels")
+    }
+
+    @Test func resumeChecksTheRunAndCtrlCExitsWith130() throws {
+        let output = Self.path("run-resume")
+        let first = try Self.run(Self.tiny + ["--epochs", "1", "--output", output])
+        #expect(first.status == 0, "\(first.output.suffix(600))")
+        // 7: another method, another dataset, a finished run.
+        try expectDataError(Self.tiny + ["--epochs", "1", "--output", output, "--resume", "--method", "dino"], saying: "another configuration")
+        try expectDataError(Array(Self.tiny.dropFirst(2)) + ["--train-count", "48", "--epochs", "1", "--output", output, "--resume"],
+                            saying: "trained on")
+        let finished = try Self.run(Self.tiny + ["--epochs", "1", "--output", output, "--resume"])
+        #expect(finished.status == 0 && finished.output.contains("finished"), "\(finished.output.suffix(600))")
+        // 11: Ctrl-C saves and exits with 130.
+        let long = try Self.run(Self.tiny + ["--epochs", "200", "--output", Self.path("run-interrupt")],
+                                interruptWhen: Self.path("run-interrupt/metrics.jsonl"))
+        #expect(!long.trapped && long.status == 130 && long.output.contains("--resume"), "status \(long.status)\n\(long.output.suffix(600))")
+    }
+}
+
+@Suite("Evaluation with sparse labels")
+struct SparseLabelTests {
+    @Test func labelsAreMappedToDenseClasses() throws {
+        let base = ShapesDataset.make(count: 40, size: 8, seed: 1)
+        let labels = base.labels!.map { $0 == 0 ? 1_000_000 : $0 }
+        let d = ImageDataset(images: base.images, labels: labels, count: 40, channels: 1, height: 8, width: 8, source: "sparse")
+        let evaluator = try Evaluator(reference: d.subset(0..<30), test: d.subset(30..<40))
+        var c = DINOConfiguration()
+        c.backbone = .resnet(width: 2, channels: 1)
+        (c.prototypes, c.headHidden, c.bottleneck, c.batchSize) = (8, 8, 4, 8)
+        let trainer = try TeacherStudentTrainer(configuration: c, iterationsPerEpoch: 1)
+        let report = evaluator.evaluate(trainer, linearProbe: true)
+        #expect(report.knn >= 0 && report.knn <= 1 && (report.linearProbe ?? -1) >= 0)
+    }
+}
