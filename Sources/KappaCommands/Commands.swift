@@ -28,8 +28,8 @@ public struct DataOptions: ParsableArguments {
         guard trainCount >= 1 else { throw ValidationError("--train-count must be at least 1, not \(trainCount)") }
         guard evalCount >= 1 else { throw ValidationError("--eval-count must be at least 1, not \(evalCount)") }
         if isBuiltin {
-            guard trainCount <= 1 << 20 && evalCount <= 1 << 20 else {
-                throw ValidationError("--train-count and --eval-count must lie in 1...\(1 << 20) for the built-in data")
+            guard trainCount <= 200_000 && evalCount <= 200_000 else {
+                throw ValidationError("--train-count and --eval-count must lie in 1...200000 for the built-in data (each image is generated in memory)")
             }
             return ShapesDataset.splits(train: trainCount, evaluation: evalCount, seed: seed)
         }
@@ -144,12 +144,33 @@ public struct ModelOptions: ParsableArguments {
     /// light-on-dark and dark-on-light images at random (the built-in shapes), so the small
     /// views invert half of the views. Argument errors are thrown (and printed by
     /// ArgumentParser), never preconditions.
-    func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool) throws -> DINOConfiguration {
+    ///
+    /// With `base` (the configuration of a run being resumed) the options are put over it
+    /// instead, so that `--resume` needs only the options that change something.
+    func configuration(imageSize: Int, channels: Int, seed: UInt64, mixedPolarity: Bool,
+                       base: DINOConfiguration? = nil) throws -> DINOConfiguration {
         let views = augmentation ?? .small
         var c: DINOConfiguration
         do {
-            c = try DINOConfiguration.preset(method: resolvedMethod, backbone: backbone, imageSize: imageSize, channels: channels,
-                                             mixedPolarity: mixedPolarity && views == .small)
+            let preset = try DINOConfiguration.preset(method: resolvedMethod, backbone: backbone, imageSize: imageSize, channels: channels,
+                                                      mixedPolarity: mixedPolarity && views == .small)
+            if var b = base {
+                if method != nil {
+                    (b.normalizedPrototypes, b.loss.vmfNormalization, b.loss.probabilityCentering) =
+                        (preset.normalizedPrototypes, preset.loss.vmfNormalization, preset.loss.probabilityCentering)
+                    if (b.ibot != nil) != (preset.ibot != nil) { (b.ibot, b.backbone) = (preset.ibot, preset.backbone) }
+                }
+                if backbone != nil { b.backbone = preset.backbone }
+                if augmentation == .small {
+                    var a = MultiCropAugmentation.smallImages
+                    (a.globalSize, a.localSize, a.localCrops, a.invertProbability) = (b.augmentation.globalSize, b.augmentation.localSize,
+                                                                                      b.augmentation.localCrops, b.augmentation.invertProbability)
+                    b.augmentation = a
+                }
+                c = b
+            } else {
+                c = preset
+            }
         } catch {
             throw ValidationError("\(error) (--backbone)")
         }
@@ -199,8 +220,12 @@ public struct ModelOptions: ParsableArguments {
         if let ibot = c.ibot {
             var s = IBOTSettings(following: c.loss, teacherTemperature: patchTeacherTemp ?? ibot.patch.teacherTemperature)
             s.patchWeight = patchWeight ?? ibot.patchWeight
-            s.masking = BlockMasking(ratio: (maskRatioMin ?? ibot.masking.ratio.lowerBound)...Swift.max(maskRatioMin ?? 0, maskRatioMax ?? ibot.masking.ratio.upperBound),
-                                     probability: maskProbability ?? ibot.masking.probability, minimumBlock: ibot.masking.minimumBlock)
+            let (low, high) = (maskRatioMin ?? ibot.masking.ratio.lowerBound, maskRatioMax ?? ibot.masking.ratio.upperBound)
+            guard 0 <= low && low <= high && high < 1 else {
+                throw ValidationError("mask ratios must satisfy 0 ≤ --mask-ratio-min ≤ --mask-ratio-max < 1, not \(low) and \(high)")
+            }
+            s.masking = BlockMasking(ratio: low...high, probability: maskProbability ?? ibot.masking.probability,
+                                     minimumBlock: ibot.masking.minimumBlock)
             c.ibot = s
         }
         c.seed = seed
@@ -214,16 +239,20 @@ public struct ModelOptions: ParsableArguments {
     func validate(_ c: DINOConfiguration, global: Double, local: Double) throws {
         func check(_ ok: Bool, _ message: @autoclosure () -> String) throws { if !ok { throw ValidationError(message()) } }
         func unit(_ x: Double) -> Bool { x >= 0 && x <= 1 }
-        try check(c.epochs >= 1, "--epochs must be at least 1")
-        try check((0...c.epochs).contains(c.warmupEpochs), "--warmup-epochs must lie in 0...\(c.epochs) (--epochs)")
-        try check(c.loss.warmupTeacherEpochs >= 0, "--warmup-teacher-epochs must not be negative")
-        try check(c.batchSize >= 1, "--batch-size must be at least 1")
-        try check(c.prototypes >= 1, "--prototypes must be at least 1")
-        try check(c.bottleneck >= 2, "--bottleneck must be at least 2")
-        try check(c.headHidden >= 1, "--head-hidden must be at least 1")
-        if case .resnet(let w, _) = c.backbone { try check(w >= 1, "--resnet-width must be at least 1") }
-        try check(c.augmentation.localCrops >= 0, "--local-crops must not be negative")
-        try check(c.freezeLastLayerEpochs >= 0, "--freeze-last-layer must not be negative")
+        // Upper bounds keep a mistyped size from asking for more memory than a machine has.
+        func within(_ value: Int, _ range: ClosedRange<Int>, _ option: String) throws {
+            try check(range.contains(value), "\(option) must lie in \(range.lowerBound)...\(range.upperBound), not \(value)")
+        }
+        try within(c.epochs, 1...100_000, "--epochs")
+        try check((0...Swift.max(c.epochs, 0)).contains(c.warmupEpochs), "--warmup-epochs must lie in 0...\(c.epochs) (--epochs), not \(c.warmupEpochs)")
+        try within(c.loss.warmupTeacherEpochs, 0...100_000, "--warmup-teacher-epochs")
+        try within(c.batchSize, 1...4096, "--batch-size")
+        try within(c.prototypes, 1...65_536, "--prototypes")
+        try within(c.bottleneck, 2...4096, "--bottleneck")
+        try within(c.headHidden, 1...16_384, "--head-hidden")
+        if case .resnet(let w, _) = c.backbone { try within(w, 1...256, "--resnet-width") }
+        try within(c.augmentation.localCrops, 0...32, "--local-crops")
+        try within(c.freezeLastLayerEpochs, 0...100_000, "--freeze-last-layer")
         for (value, name) in [(c.baseLearningRate, "--lr"), (c.loss.studentTemperature, "--student-temp"),
                               (c.loss.teacherTemperature, "--teacher-temp"), (c.loss.warmupTeacherTemperature, "--warmup-teacher-temp")] {
             try check(value.isFinite && value > 0, "\(name) must be a positive number, not \(value)")
@@ -244,8 +273,6 @@ public struct ModelOptions: ParsableArguments {
             try check(s.patchWeight.isFinite && s.patchWeight >= 0, "--patch-weight must be a number of at least 0")
             try check(s.patch.teacherTemperature.isFinite && s.patch.teacherTemperature > 0, "--patch-teacher-temp must be positive")
             try check(unit(s.masking.probability), "--mask-probability must lie in [0, 1]")
-            try check(0 <= s.masking.ratio.lowerBound && s.masking.ratio.upperBound < 1 && (maskRatioMax ?? 1) >= (maskRatioMin ?? 0),
-                      "mask ratios must satisfy 0 ≤ --mask-ratio-min ≤ --mask-ratio-max < 1")
         }
     }
 }
@@ -283,25 +310,30 @@ public struct Common: ParsableArguments {
     public init() {}
     @Option(help: "Output folder for metrics.jsonl, plots (SVG) and checkpoint.safetensors (created if missing).")
     var output = "runs/" + (KappaCommand.objectiveName ?? KappaCommand.defaultMethod.rawValue)
-    @Option(help: "Random seed: the same seed gives the same run.")
-    var seed: UInt64 = 0
+    @Option(help: "Random seed: the same seed gives the same run. Default: 0 (with --resume, the run's).")
+    var seed: UInt64?
+    /// The seed: `--seed`, else (resuming) the run's, else 0.
+    func resolvedSeed(_ base: DINOConfiguration?) -> UInt64 { seed ?? base?.seed ?? 0 }
     @OptionGroup var threading: ThreadOptions
     @Option(help: "Evaluate every N epochs (and at the end). Default: \(TrainingSession.defaultEvaluateEvery).")
     var evalEvery: Int?
 
+    /// Checks the options; the output folder must be a folder if it exists.
     func apply() throws {
         if let evalEvery, evalEvery < 1 { throw ValidationError("--eval-every must be at least 1, not \(evalEvery)") }
         try threading.apply()
-        // The output folder: a folder, or a path where one can be made.
         var isFolder: ObjCBool = false
-        if FileManager.default.fileExists(atPath: output, isDirectory: &isFolder) {
-            guard isFolder.boolValue else { throw ValidationError("--output \(output) is a file, not a folder") }
-        } else {
-            do {
-                try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
-            } catch {
-                throw ValidationError("--output \(output): the folder cannot be made (\(reason(error))); name a writable folder")
-            }
+        if FileManager.default.fileExists(atPath: output, isDirectory: &isFolder), !isFolder.boolValue {
+            throw ValidationError("--output \(output) is a file, not a folder")
+        }
+    }
+
+    /// Creates the output folder (once everything else is checked) and checks that it is writable.
+    func makeOutput() throws {
+        do {
+            try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        } catch {
+            throw ValidationError("--output \(output): the folder cannot be made (\(reason(error))); name a writable folder")
         }
         guard FileManager.default.isWritableFile(atPath: output) else { throw ValidationError("--output \(output) is not writable") }
     }
@@ -374,24 +406,37 @@ struct Train: ParsableCommand {
     @OptionGroup var data: DataOptions
     @OptionGroup var model: ModelOptions
     @OptionGroup var common: Common
-    @Flag(help: "Continue the run saved in --output (after Ctrl-C or a crash).")
+    @Flag(help: "Continue the run saved in --output (after Ctrl-C or a crash). Options not given keep the run's values; one that changes the configuration, the objective or the dataset is refused.")
     var resume = false
+    @Flag(help: "With --resume: continue a run for more epochs than it was started with (--epochs, larger). The schedules become those of the longer run from the step reached.")
+    var extend = false
     @Flag(help: "Skip the final linear probe.")
     var noLinearProbe = false
+    @Flag(help: "Check the options, the data and (with --resume) the checkpoint, build the networks, run one step on two images and an evaluation on a few, and stop; nothing is written.")
+    var dryRun = false
 
     func run() throws {
+        guard !extend || resume else { throw ValidationError("--extend continues a saved run: use it with --resume") }
         try common.apply()
-        let (train, test) = try data.load(seed: common.seed)
+        // Resuming: the options not given keep the run's values.
+        let checkpoint = URL(fileURLWithPath: common.output).appendingPathComponent("checkpoint.safetensors")
+        let base = resume && FileManager.default.fileExists(atPath: checkpoint.path) ? try RunCheckpoint.configuration(in: checkpoint) : nil
+        let seed = common.resolvedSeed(base)
+        let (train, test) = try data.load(seed: seed)
         try checkImages(train)
-        let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
-                                             mixedPolarity: data.isBuiltin)
+        let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: seed,
+                                             mixedPolarity: data.isBuiltin, base: base)
         if model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
             warn("the learning-rate warmup is \(config.warmupEpochs) epoch\(config.warmupEpochs == 1 ? "" : "s"), clamped to --epochs \(config.epochs)")
         }
         let method = KappaCommand.objectiveName ?? model.resolvedMethod.rawValue
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
-        let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: try Evaluator(reference: train, test: test),
-                                      output: common.output)
+        let trainer = try makeTrainer(config, train)
+        let evaluator = try Evaluator(reference: train, test: test)
+        if dryRun { return try Self.dryRun(trainer, train, test, resume ? common.output : nil, extend: extend) }
+        try common.makeOutput()
+        let session = TrainingSession(trainer: trainer, evaluator: evaluator, output: common.output)
+        session.allowsLongerRun = extend
         if let every = common.evalEvery { session.evaluateEvery = every }
         session.linearProbe = !noLinearProbe
         session.name = method
@@ -405,6 +450,27 @@ struct Train: ParsableCommand {
             print("outputs in \(common.output)/: metrics.jsonl, loss.svg, knn.svg, norms.svg, utilization.svg, checkpoint.safetensors")
         }
         if outcome.diverged { throw ExitCode(2) }
+    }
+
+    /// One step on two images and an evaluation on a few, after the checkpoint (if any) is
+    /// restored: everything a run would check, in seconds, writing nothing.
+    static func dryRun(_ trainer: TeacherStudentTrainer, _ train: ImageDataset, _ test: ImageDataset, _ resumeFrom: String?,
+                       extend: Bool) throws {
+        if let resumeFrom {
+            let url = URL(fileURLWithPath: resumeFrom).appendingPathComponent("checkpoint.safetensors")
+            guard FileManager.default.fileExists(atPath: url.path) else { throw FileError(path: url.path, problem: "no checkpoint to resume from") }
+            try RunCheckpoint.restore(trainer, from: url, allowingLongerRun: extend)
+        }
+        let few = train.subset(0..<Swift.min(2, train.count))
+        let loader = MultiCropLoader(dataset: few, augmentation: trainer.configuration.augmentation, batchSize: few.count,
+                                     seed: trainer.configuration.seed, epoch: trainer.epoch)
+        defer { loader.stop() }
+        guard let batch = loader.next() else { throw TrainerError("\(train.source): no batch of views could be made") }
+        let step = trainer.step(ObjectiveBatch(views: batch.views, globalCount: 2, labels: batch.labels))
+        let report = try Evaluator(reference: train.subset(0..<Swift.min(8, train.count)), test: test.subset(0..<Swift.min(4, test.count)))
+            .evaluate(trainer, linearProbe: false)
+        print(String(format: "dry run: options, data%@ and networks check out; one step on %d images: loss %.4f; kNN on 8 + 4 images %.0f%%; nothing written",
+                     resumeFrom == nil ? "" : ", checkpoint", few.count, step.loss, 100 * report.knn))
     }
 }
 
@@ -442,9 +508,10 @@ struct Ablation: ParsableCommand {
     func run() throws {
         try common.apply()
         guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
-        let (train, test) = try data.load(seed: common.seed)
+        let (train, test) = try data.load(seed: common.resolvedSeed(nil))
         try checkImages(train)
         let evaluator = try Evaluator(reference: train, test: test)
+        try common.makeOutput()
         var rows: [String] = []
         for normalized in [true, false] {
             for vmf in [false, true] {
@@ -453,7 +520,7 @@ struct Ablation: ParsableCommand {
                     (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
                     m.epochs = budgetEpochs
                     m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
-                    let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.seed,
+                    let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.resolvedSeed(nil),
                                                      mixedPolarity: data.isBuiltin)
                     let name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
                     print("== \(name)")

@@ -41,10 +41,20 @@ public enum RunCheckpoint {
     /// configuration, objective and (with `checkingData`, when both know it) training data, all
     /// checked. Throws `CheckpointError` (KappaNN's `FileError`) naming the file and the problem;
     /// the trainer is only changed when everything fits.
-    public static func restore(_ trainer: TeacherStudentTrainer, from url: URL, checkingData: Bool = true) throws {
+    /// With `allowingLongerRun` the trainer's configuration may differ in its epochs, if it
+    /// has more (a run extended past its end: the schedules become the longer run's).
+    public static func restore(_ trainer: TeacherStudentTrainer, from url: URL, checkingData: Bool = true,
+                               allowingLongerRun: Bool = false) throws {
         let saved = try configuration(in: url)
-        guard saved == trainer.configuration else {
-            throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))")
+        var lengthened = saved
+        lengthened.epochs = trainer.configuration.epochs
+        let longer = allowingLongerRun && lengthened == trainer.configuration && trainer.configuration.epochs >= saved.epochs
+        if allowingLongerRun && lengthened == trainer.configuration && trainer.configuration.epochs < saved.epochs {
+            throw CheckpointError(path: url.path, problem: "the run has \(saved.epochs) epochs; extending needs more, not \(trainer.configuration.epochs)")
+        }
+        guard saved == trainer.configuration || longer else {
+            let hint = lengthened == trainer.configuration && !allowingLongerRun ? "; a run goes on for more epochs with --extend" : ""
+            throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))\(hint)")
         }
         let n = trainer.networks
         // Check the objective and its state before anything is loaded.

@@ -20,6 +20,8 @@ public final class TrainingSession {
     public var linearProbe = true
     /// The name on the plots and in the report.
     public var name = "DINO-vMF"
+    /// Resuming may lengthen the run: the checkpoint's configuration may have fewer epochs.
+    public var allowsLongerRun = false
     /// Asked before every step; when it returns true the session saves a checkpoint and
     /// stops (a command sets it from its Ctrl-C handler).
     public var shouldStop: () -> Bool = { false }
@@ -54,7 +56,7 @@ public final class TrainingSession {
             guard FileManager.default.fileExists(atPath: checkpointURL.path) else {
                 throw CheckpointError(path: checkpointURL.path, problem: "no checkpoint to resume from")
             }
-            try RunCheckpoint.restore(trainer, from: checkpointURL)
+            try RunCheckpoint.restore(trainer, from: checkpointURL, allowingLongerRun: allowsLongerRun)
             log("resumed at epoch \(trainer.epoch), step \(trainer.step)")
         }
         let metrics = try MetricsLog(path: output + "/metrics.jsonl",

@@ -77,7 +77,7 @@ struct CommandFailureTests {
         try expectUsage(["--epochs", "1", "--warmup-epochs", "2"], naming: "--warmup-epochs")
         try expectUsage(["--output", "/proc/kappa-x"], naming: "--output")                // 10
         try FileManager.default.createDirectory(at: Self.folder, withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: Self.path("a-file"), contents: Data([1]))
+        _ = FileManager.default.createFile(atPath: Self.path("a-file"), contents: Data([1]))
         try expectUsage(["--output", Self.path("a-file")], naming: "is a file")           // 10
         let evalHelp = try Self.run(["eval", "--help"]).output
         #expect(!evalHelp.contains("--output") && !evalHelp.contains("--eval-every"), "eval lists only what it uses")
@@ -127,6 +127,10 @@ struct CommandFailureTests {
                             saying: "trained on")
         let finished = try Self.run(Self.tiny + ["--epochs", "1", "--output", output, "--resume"])
         #expect(finished.status == 0 && finished.output.contains("finished"), "\(finished.output.suffix(600))")
+        // A longer run is refused unless asked for with --extend, which then trains the second epoch.
+        try expectDataError(Self.tiny + ["--epochs", "2", "--output", output, "--resume"], saying: "--extend")
+        let extended = try Self.run(Self.tiny + ["--epochs", "2", "--output", output, "--resume", "--extend"])
+        #expect(extended.status == 0 && extended.output.contains("after 2 epochs"), "\(extended.output.suffix(600))")
         // 11: Ctrl-C saves and exits with 130.
         let long = try Self.run(Self.tiny + ["--epochs", "200", "--output", Self.path("run-interrupt")],
                                 interruptWhen: Self.path("run-interrupt/metrics.jsonl"))
@@ -147,5 +151,21 @@ struct SparseLabelTests {
         let trainer = try TeacherStudentTrainer(configuration: c, iterationsPerEpoch: 1)
         let report = evaluator.evaluate(trainer, linearProbe: true)
         #expect(report.knn >= 0 && report.knn <= 1 && (report.linearProbe ?? -1) >= 0)
+    }
+}
+
+/// The command-line campaign of `KappaFuzz --command-line` (which runs 10,000), a few hundred
+/// runs from a fixed seed against the debug build.
+@Suite("Command line: fuzz campaign", .enabled(if: CrashTests.program != nil, "needs the DINOvMF program beside the test bundle (swift build)"))
+struct CommandLineFuzzTests {
+    @Test(.timeLimit(.minutes(15)))
+    func noTrapNoHangAndEveryFailureNamesAnOptionOrAFile() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("kappa-cli-fuzz-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let runs = ProcessInfo.processInfo.environment["KAPPA_CLI_FUZZ_RUNS"].flatMap(Int.init) ?? 150
+        let outcome = try CommandLineFuzz.campaign(program: CrashTests.program!, runs: runs, seed: 2026, directory: directory)
+        print(outcome)
+        #expect(outcome.failures.isEmpty, "\(outcome.failures.prefix(5).joined(separator: "\n"))")
+        #expect(outcome.succeeded > runs / 10, "enough runs get past validation to exercise training: \(outcome)")
     }
 }
