@@ -285,6 +285,14 @@ func reason(_ error: Error) -> String {
     return ns.localizedDescription
 }
 
+/// The command line of this run as `swift run` would repeat it, quoted for a shell.
+func reproducingCommand() -> String {
+    func quoted(_ a: String) -> String {
+        a.allSatisfy { $0.isLetter || $0.isNumber || "-_./=:+,".contains($0) } && !a.isEmpty ? a : "'" + a.replacingOccurrences(of: "'", with: "'\\''") + "'"
+    }
+    return (["swift", "run", "-c", "release", KappaCommand.name] + CommandLine.arguments.dropFirst()).map(quoted).joined(separator: " ")
+}
+
 /// A warning line: legal but surprising (a shrunken split, a clamped warmup).
 func warn(_ message: String) {
     print("warning: " + message)
@@ -359,7 +367,7 @@ public struct KappaCommand: ParsableCommand {
             commandName: name,
             abstract: "Self-supervised \(defaultMethod.isIBOT ? "iBOT-vMF / iBOT" : "DINO-vMF / DINO") training and evaluation on a CPU.",
             discussion: (discussion.isEmpty ? "" : discussion + "\n\n")
-                + "Exit status: 0 done; 1 a data or checkpoint error (the message names the file); 2 the loss became NaN; 64 a usage error (the message names the option); 130 stopped by Ctrl-C, checkpoint saved (continue with --resume).", subcommands: [Train.self, Eval.self, Ablation.self], defaultSubcommand: Train.self)
+                + "Exit status: 0 done; 1 a data or checkpoint error (the message names the file); 2 the loss became NaN; 64 a usage error (the message names the option); 130 stopped by Ctrl-C, checkpoint saved (continue with --resume).", subcommands: [Train.self, Eval.self, Ablation.self, Compare.self], defaultSubcommand: Train.self)
     }
 
     public init() {}
@@ -440,6 +448,7 @@ struct Train: ParsableCommand {
         if let every = common.evalEvery { session.evaluateEvery = every }
         session.linearProbe = !noLinearProbe
         session.name = method
+        session.command = reproducingCommand()
         let outcome = try runStoppable(session, resume: resume)
         if outcome.interrupted {
             print("stopped; continue with --resume --output \(common.output)")
@@ -447,7 +456,7 @@ struct Train: ParsableCommand {
         }
         if let r = outcome.report {
             print("\n" + TrainingSession.describe(r, name: method, seconds: outcome.seconds))
-            print("outputs in \(common.output)/: metrics.jsonl, loss.svg, knn.svg, norms.svg, utilization.svg, checkpoint.safetensors")
+            print("outputs in \(common.output)/: report.html, metrics.jsonl, TensorBoard events, loss.svg, knn.svg, norms.svg, utilization.svg, checkpoint.safetensors")
         }
         if outcome.diverged { throw ExitCode(2) }
     }
@@ -512,6 +521,7 @@ struct Ablation: ParsableCommand {
         try checkImages(train)
         let evaluator = try Evaluator(reference: train, test: test)
         try common.makeOutput()
+        var cells: [RunRecord] = []
         var rows: [String] = []
         for normalized in [true, false] {
             for vmf in [false, true] {
@@ -529,7 +539,10 @@ struct Ablation: ParsableCommand {
                     session.evaluateEvery = Swift.max(1, budgetEpochs)
                     session.linearProbe = false
                     let outcome = try runStoppable(session)
-                    if outcome.interrupted { return }
+                    if outcome.interrupted { throw ExitCode(130) }
+                    var record = session.record
+                    record.name = name
+                    cells.append(record)
                     let r = outcome.report
                     let collapsed = r.map { $0.utilization <= 1 } ?? true
                     let stable = !outcome.diverged && !collapsed ? "stable" : (outcome.diverged ? "NaN" : "collapsed")
@@ -541,6 +554,48 @@ struct Ablation: ParsableCommand {
         print("\n| normalized prototypes | vMF normalization | probability centering | kNN | utilization | run |")
         print("|---|---|---|---:|---:|---|")
         for r in rows { print(r) }
+        let report = common.output + "/report.html"
+        try HTMLReport.comparison(cells, title: "Ablation grid", command: reproducingCommand())
+            .write(toFile: report, atomically: true, encoding: .utf8)
+        print("cells side by side, with overlaid curves: \(report)")
+    }
+}
+
+struct Compare: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compare finished or running runs: their final tables side by side, and overlaid kNN, loss and utilization plots.")
+    @Argument(help: "Output folders of two or more runs (each with its metrics.jsonl).")
+    var runs: [String]
+    @Option(help: "Folder for the overlaid plots and report.html (created if missing).")
+    var output = "runs/compare"
+
+    func run() throws {
+        guard runs.count >= 2 else { throw ValidationError("name two or more run folders to compare, not \(runs.count)") }
+        let records = try runs.map { try RunRecord.read(folder: $0) }
+        do {
+            try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        } catch {
+            throw ValidationError("--output \(output): the folder cannot be made (\(reason(error)))")
+        }
+        let width = Swift.max(12, records.map(\.name.count).max() ?? 0)
+        func pad(_ s: String) -> String { s.count >= width ? s : s + String(repeating: " ", count: width - s.count) }
+        func row(_ label: String, _ f: (EvaluationReport) -> String) {
+            print(label.padding(toLength: 26, withPad: " ", startingAt: 0) + records.map { pad($0.evaluations.last.map(f) ?? "–") }.joined(separator: "  "))
+        }
+        print("".padding(toLength: 26, withPad: " ", startingAt: 0) + records.map { pad($0.name) }.joined(separator: "  "))
+        row("epochs") { "\($0.epoch)" }
+        row("kNN (k=20, T=0.07)") { String(format: "%.2f%%", 100 * $0.knn) }
+        row("linear probe") { $0.linearProbe.map { String(format: "%.2f%%", 100 * $0) } ?? "–" }
+        row("kNN raw pixels") { String(format: "%.2f%%", 100 * $0.knnRawPixels) }
+        row("kNN random init") { String(format: "%.2f%%", 100 * $0.knnRandomInit) }
+        row("prototypes used") { "\($0.utilization) of \($0.prototypes)" }
+        row("‖w_k‖ median") { String(format: "%.3f", $0.prototypeNorms.median) }
+        try RunPlots.knn(records).write(toFile: output + "/knn.svg", atomically: true, encoding: .utf8)
+        try RunPlots.loss(records).write(toFile: output + "/loss.svg", atomically: true, encoding: .utf8)
+        try RunPlots.utilization(records).write(toFile: output + "/utilization.svg", atomically: true, encoding: .utf8)
+        try HTMLReport.comparison(records, title: "Comparison", command: reproducingCommand())
+            .write(toFile: output + "/report.html", atomically: true, encoding: .utf8)
+        print("overlaid plots and report.html in \(output)/")
     }
 }
 

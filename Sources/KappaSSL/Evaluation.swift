@@ -136,10 +136,15 @@ public struct EvaluationReport: Codable, Sendable {
     public var utilization: Int, prototypes: Int
     /// The teacher's prototype norms ‖w_k‖.
     public var prototypeNorms: Evaluation.Summary
-    /// kNN accuracy of test samples by the norm quartile of their arg-max prototype.
-    public var knnByNormQuartile: [Double]
+    /// kNN accuracy of test samples by the norm quartile of their arg-max prototype (nil for
+    /// a quartile no sample fell in).
+    public var knnByNormQuartile: [Double?]
     /// Test samples in each of those quartiles.
     public var quartileCounts: [Int]
+    /// The teacher's prototype norms ‖w_k‖, all K (for histograms).
+    public var prototypeNormValues: [Double]?
+    /// How many test samples each prototype is the arg-max for: the teacher's assignment, K counts.
+    public var assignmentCounts: [Int]?
 }
 
 /// Evaluates a teacher on frozen features, from `reference` (the labeled training split) to
@@ -193,8 +198,9 @@ public final class Evaluator {
         let byNorm = Evaluation.accuracyByPrototypeNorm(predictions: predictions, labels: testLabels, argmax: argmax, norms: norms)
         return EvaluationReport(epoch: trainer.epoch, knn: knn, linearProbe: probe, knnRawPixels: raw, knnRandomInit: randomKNN,
                                 utilization: Set(argmax).count, prototypes: c.prototypes,
-                                prototypeNorms: Evaluation.Summary(norms), knnByNormQuartile: byNorm.map(\.accuracy),
-                                quartileCounts: byNorm.map(\.count))
+                                prototypeNorms: Evaluation.Summary(norms), knnByNormQuartile: byNorm.map { $0.count > 0 ? $0.accuracy : nil },
+                                quartileCounts: byNorm.map(\.count), prototypeNormValues: norms,
+                                assignmentCounts: argmax.reduce(into: [Int](repeating: 0, count: c.prototypes)) { $0[$1] += 1 })
     }
 
     /// kNN accuracy of any encoder's features (the student of a supervised run, say), with

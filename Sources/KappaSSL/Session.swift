@@ -14,8 +14,9 @@ public final class TrainingSession {
     public let output: String
     /// Evaluate every this many epochs (and after the last); default ``defaultEvaluateEvery``.
     public var evaluateEvery = TrainingSession.defaultEvaluateEvery
-    /// 5: the kNN evaluation and its two baselines take about a tenth of an epoch each.
-    public static let defaultEvaluateEvery = 5
+    /// 2: a kNN evaluation of the default run takes a few seconds against about 25 s per
+    /// epoch, so every second epoch costs under 10% of the run and gives its curve a shape.
+    public static let defaultEvaluateEvery = 2
     /// Run the linear probe in the final evaluation.
     public var linearProbe = true
     /// The name on the plots and in the report.
@@ -61,6 +62,7 @@ public final class TrainingSession {
         }
         let metrics = try MetricsLog(path: output + "/metrics.jsonl",
                                      resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
+        tensorBoard = try TensorBoardLog(folder: output)
         var resumedMeans = restore(from: metrics.keptRecords)
         if resume && trainer.isFinished {
             log("the run in \(output) has finished its \(trainer.configuration.epochs) epochs: nothing to resume (a longer run is a new run, with another --output)")
@@ -77,6 +79,9 @@ public final class TrainingSession {
             resumedMeans = EpochMeans()
             let completed = trainer.trainEpoch(onStep: { s in
                 metrics.write("step", s)
+                tensorBoard?.scalars([("train/loss", s.loss), ("train/learningRate", s.learningRate), ("train/weightDecay", s.weightDecay),
+                                      ("train/teacherMomentum", s.teacherMomentum)] + (s.terms + s.monitors).map { ("train/" + $0.key, $0.value) },
+                                     step: s.step)
                 losses.append((Double(s.step), s.loss))
                 if !s.loss.isFinite { diverged = true }
                 epochMeans.add(s)
@@ -107,11 +112,14 @@ public final class TrainingSession {
                 try RunCheckpoint.save(trainer, to: checkpointURL)
                 break
             }
-            metrics.write("epoch", epochMeans.record(epoch: trainer.epoch))
+            let epochRecord = epochMeans.record(epoch: trainer.epoch)
+            metrics.write("epoch", epochRecord)
+            writeEpoch(epochRecord)
             if trainer.epoch % evaluateEvery == 0 || trainer.isFinished {
                 let report = evaluator.evaluate(trainer, linearProbe: linearProbe && trainer.isFinished)
                 evaluations.append(report)
                 metrics.write("evaluation", report)
+                writeEvaluation(report)
                 log(String(format: "epoch %d: kNN %.2f%% (raw pixels %.2f%%, random init %.2f%%), utilization %d/%d",
                            report.epoch, 100 * report.knn, 100 * report.knnRawPixels, 100 * report.knnRandomInit,
                            report.utilization, report.prototypes))
@@ -127,6 +135,31 @@ public final class TrainingSession {
     }
 
     func log(_ s: String) { print(s); fflush(stdout) }
+
+    /// The run's TensorBoard event file (rewritten from the kept log on resume).
+    var tensorBoard: TensorBoardLog?
+
+    /// An epoch record's means, as TensorBoard scalars `epoch/<key>` at the epoch.
+    func writeEpoch(_ record: [String: Double]) {
+        guard let epoch = record["epoch"] else { return }
+        tensorBoard?.scalars(record.filter { $0.key != "epoch" }.sorted { $0.key < $1.key }.map { ("epoch/" + $0.key, $0.value) }, step: Int(epoch))
+    }
+
+    /// An evaluation as TensorBoard scalars and histograms at its epoch.
+    func writeEvaluation(_ r: EvaluationReport) {
+        guard let tb = tensorBoard else { return }
+        var values = [("eval/knn", r.knn), ("eval/knnRawPixels", r.knnRawPixels), ("eval/knnRandomInit", r.knnRandomInit),
+                      ("eval/utilization", Double(r.utilization)), ("eval/prototypeNormMedian", r.prototypeNorms.median)]
+        if let p = r.linearProbe { values.append(("eval/linearProbe", p)) }
+        tb.scalars(values, step: r.epoch)
+        if let norms = r.prototypeNormValues { tb.histogram("eval/prototypeNorms", values: norms, step: r.epoch) }
+        if let counts = r.assignmentCounts, !counts.isEmpty {
+            // The teacher's assignment: how many evaluation images each prototype (by index) wins.
+            tb.histogram("eval/prototypeAssignment", min: 0, max: Double(counts.count), limits: (1...counts.count).map(Double.init),
+                         counts: counts.map(Double.init), sum: zip(counts.indices, counts).reduce(0) { $0 + Double($1.0 * $1.1) },
+                         sumSquares: zip(counts.indices, counts).reduce(0) { $0 + Double($1.0 * $1.0 * $1.1) }, step: r.epoch)
+        }
+    }
 
     /// The means of an epoch's steps: the loss, its terms and the monitors, by key.
     struct EpochMeans {
@@ -161,6 +194,7 @@ public final class TrainingSession {
             let number: Double?
             init(from decoder: Decoder) throws {
                 let c = try decoder.singleValueContainer()
+                if c.decodeNil() { number = .nan; return }   // a non-finite number
                 if let d = try? c.decode(Double.self) { number = d; return }
                 let s = try? c.decode(String.self)
                 number = s == "nan" ? .nan : s == "inf" ? .infinity : s == "-inf" ? -.infinity : nil
@@ -175,11 +209,20 @@ public final class TrainingSession {
                 guard let fields = try? decoder.decode([String: Field].self, from: data),
                       let step = fields["step"]?.number, let epoch = fields["epoch"]?.number, let loss = fields["loss"]?.number else { continue }
                 losses.append((step, loss))
-                if Int(epoch) == trainer.epoch {
+                tensorBoard?.scalars(fields.filter { !["kind", "epoch", "step"].contains($0.key) }.sorted { $0.key < $1.key }
+                                        .compactMap { k, v in v.number.map { ("train/" + k, $0) } }, step: Int(step))
+                if Int(epoch) == trainer.epoch + 1 {   // step records number epochs from 1
                     means.add(fields.filter { !Self.scheduleKeys.contains($0.key) }.compactMap { k, v in v.number.map { (k, $0) } })
                 }
             case "evaluation":
-                if let report = try? decoder.decode(EvaluationReport.self, from: data) { evaluations.append(report) }
+                if let report = try? decoder.decode(EvaluationReport.self, from: data) {
+                    evaluations.append(report)
+                    writeEvaluation(report)
+                }
+            case "epoch":
+                if let fields = try? decoder.decode([String: Field].self, from: data) {
+                    writeEpoch(fields.filter { $0.key != "kind" }.compactMapValues(\.number))
+                }
             default:
                 break
             }
@@ -188,26 +231,22 @@ public final class TrainingSession {
     }
 
 
+    /// The command line that reproduces the run, for `report.html` (set by the command).
+    public var command: String?
+
+    /// The run so far, as the plots and the report draw it.
+    public var record: RunRecord { RunRecord(name: name, losses: losses.map { (step: $0.0, loss: $0.1) }, evaluations: evaluations,
+                                      prototypes: trainer.configuration.prototypes) }
+
     func writePlots() throws {
-        var smoothed: [(Double, Double)] = []
-        var ema = losses.first?.1 ?? 0
-        for (x, y) in losses where y.isFinite { ema = 0.95 * ema + 0.05 * y; smoothed.append((x, ema)) }
-        try SVGPlot.lines(title: "\(name) training loss", xLabel: "step", series: [("loss (EMA 0.95)", smoothed)])
-            .write(toFile: output + "/loss.svg", atomically: true, encoding: .utf8)
-        if !evaluations.isEmpty {
-            let e = evaluations.map { Double($0.epoch) }
-            try SVGPlot.lines(title: "kNN accuracy (k = 20, T = 0.07)", xLabel: "epoch", series: [
-                ("teacher", zip(e, evaluations.map { 100 * $0.knn }).map { ($0, $1) }),
-                ("raw pixels", zip(e, evaluations.map { 100 * $0.knnRawPixels }).map { ($0, $1) }),
-                ("random init", zip(e, evaluations.map { 100 * $0.knnRandomInit }).map { ($0, $1) }),
-            ]).write(toFile: output + "/knn.svg", atomically: true, encoding: .utf8)
-            try SVGPlot.lines(title: "prototype utilization (of \(trainer.configuration.prototypes))", xLabel: "epoch",
-                              series: [("prototypes used", zip(e, evaluations.map { Double($0.utilization) }).map { ($0, $1) })])
-                .write(toFile: output + "/utilization.svg", atomically: true, encoding: .utf8)
-        }
-        try SVGPlot.histogram(title: "prototype norms ‖w_k‖", xLabel: "‖w_k‖",
-                              values: trainer.teacherHead.prototypeNorms.scalars(as: Double.self))
-            .write(toFile: output + "/norms.svg", atomically: true, encoding: .utf8)
+        let r = record
+        let norms = trainer.teacherHead.prototypeNorms.scalars(as: Double.self)
+        try RunPlots.loss([r], title: "\(name) training loss").write(toFile: output + "/loss.svg", atomically: true, encoding: .utf8)
+        try RunPlots.knn([r]).write(toFile: output + "/knn.svg", atomically: true, encoding: .utf8)
+        try RunPlots.utilization([r]).write(toFile: output + "/utilization.svg", atomically: true, encoding: .utf8)
+        try RunPlots.norms(norms).write(toFile: output + "/norms.svg", atomically: true, encoding: .utf8)
+        try HTMLReport.run(r, configuration: trainer.configuration, command: command, norms: norms)
+            .write(toFile: output + "/report.html", atomically: true, encoding: .utf8)
     }
 
     /// A short report of an evaluation.
@@ -220,7 +259,7 @@ public final class TrainingSession {
         lines.append("  prototype utilization: \(r.utilization) of \(r.prototypes)")
         let n = r.prototypeNorms
         lines.append(String(format: "  ‖w_k‖: min %.3f, p10 %.3f, median %.3f, p90 %.3f, max %.3f", n.min, n.p10, n.median, n.p90, n.max))
-        let q = zip(r.knnByNormQuartile, r.quartileCounts).map { $0.isNaN ? "–" : String(format: "%.1f%% (%d)", 100 * $0, $1) }
+        let q = zip(r.knnByNormQuartile, r.quartileCounts).map { a, n in a.map { String(format: "%.1f%% (%d)", 100 * $0, n) } ?? "–" }
         lines.append("  kNN by norm quartile of the arg-max prototype (low → high): " + q.joined(separator: ", "))
         return lines.joined(separator: "\n")
     }

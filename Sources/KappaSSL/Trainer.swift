@@ -6,7 +6,8 @@ import KappaNN
 /// named terms and the objective's monitors. In `metrics.jsonl` the terms and monitors are
 /// fields of the record beside the fixed ones, under their keys.
 public struct StepLog: Encodable, Sendable {
-    /// The epoch and the step over the run, both from 0.
+    /// The epoch and the step over the run, both from 0 (`metrics.jsonl` writes the epoch
+    /// from 1, as its epoch and evaluation records number the epoch they close).
     public let epoch: Int, step: Int
     /// The loss, and the schedules' values at this step.
     public let loss: Double, learningRate: Double, weightDecay: Double, teacherMomentum: Double
@@ -26,7 +27,7 @@ public struct StepLog: Encodable, Sendable {
 
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: Key.self)
-        try c.encode(epoch, forKey: Key("epoch"))
+        try c.encode(epoch + 1, forKey: Key("epoch"))   // epochs count from 1 in metrics.jsonl, as in epoch records
         try c.encode(step, forKey: Key("step"))
         try c.encode(loss, forKey: Key("loss"))
         try c.encode(learningRate, forKey: Key("learningRate"))

@@ -117,6 +117,21 @@ struct CommandFailureTests {
         try expectDataError(["eval", "--checkpoint", checkpoint, "--data", rgb, "--threads", "1"], saying: "3 channels")
     }
 
+    @Test func compareTabulatesAndOverlaysDINOAndDINOvMF() throws {
+        let a = Self.path("cmp-dino"), b = Self.path("cmp-vmf"), out = Self.path("cmp")
+        #expect(try Self.run(Self.tiny + ["--epochs", "2", "--method", "dino", "--output", a]).status == 0)
+        #expect(try Self.run(Self.tiny + ["--epochs", "2", "--output", b]).status == 0)
+        let r = try Self.run(["compare", a, b, "--output", out])
+        #expect(r.status == 0 && r.output.contains("cmp-dino") && r.output.contains("cmp-vmf") && r.output.contains("kNN"), "\(r.output)")
+        for file in ["knn.svg", "loss.svg", "utilization.svg", "report.html"] {
+            #expect(FileManager.default.fileExists(atPath: out + "/" + file), "\(file)")
+        }
+        let knn = try String(contentsOfFile: out + "/knn.svg", encoding: .utf8)
+        #expect(knn.contains("cmp-dino") && knn.contains("cmp-vmf"), "both runs in the legend")
+        try expectUsage(["compare", a], naming: "two or more")
+        try expectDataError(["compare", a, Self.path("nowhere")], saying: "nowhere")
+    }
+
     @Test func resumeChecksTheRunAndCtrlCExitsWith130() throws {
         let output = Self.path("run-resume")
         let first = try Self.run(Self.tiny + ["--epochs", "1", "--output", output])
