@@ -65,7 +65,7 @@ public final class TrainingSession {
         tensorBoard = try TensorBoardLog(folder: output)
         var resumedMeans = restore(from: metrics.keptRecords)
         if resume && trainer.isFinished {
-            log("the run in \(output) has finished its \(trainer.configuration.epochs) epochs: nothing to resume (a longer run is a new run, with another --output)")
+            log("the run in \(output) has finished its \(trainer.configuration.epochs) epochs: nothing to resume (--extend with a larger --epochs continues it)")
             return Outcome(report: evaluations.last, interrupted: false, diverged: false, seconds: 0)
         }
         let start = Date()
