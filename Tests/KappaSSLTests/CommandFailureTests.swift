@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
 import Kappa
 import KappaFuzzing
 import KappaNN
@@ -130,6 +133,24 @@ struct CommandFailureTests {
         #expect(knn.contains("cmp-dino") && knn.contains("cmp-vmf"), "both runs in the legend")
         try expectUsage(["compare", a], naming: "two or more")
         try expectDataError(["compare", a, Self.path("nowhere")], saying: "nowhere")
+    }
+
+    @Test func ablationWritesOneReportWithEveryCell() throws {
+        let out = Self.path("ablation")
+        let r = try Self.run(["ablation", "--budget-epochs", "1"] + Self.tiny.filter { $0 != "--no-linear-probe" } + ["--output", out])
+        #expect(r.status == 0 && r.output.contains("| run |"), "\(r.output.suffix(800))")
+        let html = try Data(contentsOf: URL(fileURLWithPath: out + "/report.html"))
+        final class Columns: NSObject, XMLParserDelegate {
+            var headers = 0, svg = 0
+            func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?, attributes: [String: String] = [:]) {
+                if name == "th" && attributes["class"] == nil { headers += 1 }
+                if name == "svg" { svg += 1 }
+            }
+        }
+        let parser = XMLParser(data: html)
+        let columns = Columns()
+        parser.delegate = columns
+        #expect(parser.parse() && columns.headers == 8 && columns.svg == 3, "eight cells side by side, three overlaid plots")
     }
 
     @Test func resumeChecksTheRunAndCtrlCExitsWith130() throws {
