@@ -116,13 +116,14 @@ public final class TrainingSession {
             metrics.write("epoch", epochRecord)
             writeEpoch(epochRecord)
             if trainer.epoch % evaluateEvery == 0 || trainer.isFinished {
+                let evaluationStart = Date()
                 let report = evaluator.evaluate(trainer, linearProbe: linearProbe && trainer.isFinished)
                 evaluations.append(report)
                 metrics.write("evaluation", report)
                 writeEvaluation(report)
-                log(String(format: "epoch %d: kNN %.2f%% (raw pixels %.2f%%, random init %.2f%%), utilization %d/%d",
+                log(String(format: "epoch %d: kNN %.2f%% (raw pixels %.2f%%, random init %.2f%%), utilization %d/%d  [evaluation %.1f s]",
                            report.epoch, 100 * report.knn, 100 * report.knnRawPixels, 100 * report.knnRandomInit,
-                           report.utilization, report.prototypes))
+                           report.utilization, report.prototypes, Date().timeIntervalSince(evaluationStart)))
             }
             // Saved after the epoch's records: a run killed before this line redoes the epoch and
             // its records (a resume drops records past the checkpoint), one killed after it has them.
