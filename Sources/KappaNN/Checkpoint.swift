@@ -307,15 +307,31 @@ public enum FaultInjection {
 
 var writeDelay: UInt32 { FaultInjection.checkpointWriteDelay }
 
-/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), table-driven.
-func crc32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
-    var crc: UInt32 = 0xFFFF_FFFF
-    for b in bytes { crc = crcTable[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
-    return crc ^ 0xFFFF_FFFF
+/// A table-driven reflected CRC-32: ``ieee`` (zlib's, for checkpoints) and ``castagnoli``
+/// (CRC-32C, for TensorBoard's records).
+public struct CRC32: Sendable {
+    let table: [UInt32]
+
+    /// The CRC of a reflected `polynomial`.
+    public init(polynomial: UInt32) {
+        table = (0..<256).map { i -> UInt32 in
+            var c = UInt32(i)
+            for _ in 0..<8 { c = c & 1 != 0 ? polynomial ^ (c >> 1) : c >> 1 }
+            return c
+        }
+    }
+
+    /// IEEE 802.3 (polynomial 0xEDB88320).
+    public static let ieee = CRC32(polynomial: 0xEDB8_8320)
+    /// Castagnoli, CRC-32C (polynomial 0x82F63B78).
+    public static let castagnoli = CRC32(polynomial: 0x82F6_3B78)
+
+    /// The checksum of `bytes`.
+    public func checksum<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        for b in bytes { crc = table[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
+        return crc ^ 0xFFFF_FFFF
+    }
 }
 
-private let crcTable: [UInt32] = (0..<256).map { i -> UInt32 in
-    var c = UInt32(i)
-    for _ in 0..<8 { c = c & 1 != 0 ? 0xEDB8_8320 ^ (c >> 1) : c >> 1 }
-    return c
-}
+func crc32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 { CRC32.ieee.checksum(bytes) }

@@ -100,18 +100,8 @@ public final class TensorBoardLog {
         return ((c >> 15) | (c << 17)) &+ 0xa282_ead8
     }
 
-    /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven.
-    static func crc32c(_ bytes: [UInt8]) -> UInt32 {
-        var crc: UInt32 = 0xFFFF_FFFF
-        for b in bytes { crc = crcTable[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
-        return crc ^ 0xFFFF_FFFF
-    }
-
-    static let crcTable: [UInt32] = (0..<256).map { i -> UInt32 in
-        var c = UInt32(i)
-        for _ in 0..<8 { c = c & 1 != 0 ? 0x82F6_3B78 ^ (c >> 1) : c >> 1 }
-        return c
-    }
+    /// CRC-32C (Castagnoli).
+    static func crc32c(_ bytes: [UInt8]) -> UInt32 { CRC32.castagnoli.checksum(bytes) }
 }
 
 /// The protocol-buffer wire format, as far as events need it.
