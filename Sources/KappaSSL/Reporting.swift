@@ -58,10 +58,13 @@ public final class MetricsLog {
 public enum SVGPlot {
     /// A line of a chart.
     public struct Series {
+        /// The legend's name.
         public var name: String
+        /// (x, y) points; non-finite ones are skipped.
         public var points: [(Double, Double)]
         /// Markers on every point (default: when the series has at most 25 points).
         public var markers: Bool?
+        /// A series.
         public init(_ name: String, _ points: [(Double, Double)], markers: Bool? = nil) {
             (self.name, self.points, self.markers) = (name, points, markers)
         }

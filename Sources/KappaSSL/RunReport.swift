@@ -13,6 +13,7 @@ public struct RunRecord {
     /// The prototype count, for the utilization plot.
     public var prototypes: Int?
 
+    /// A record of a run.
     public init(name: String, losses: [(step: Double, loss: Double)] = [], evaluations: [EvaluationReport] = [], prototypes: Int? = nil) {
         (self.name, self.losses, self.evaluations, self.prototypes) = (name, losses, evaluations, prototypes)
     }

@@ -139,6 +139,8 @@ struct Proto {
 
 /// The checksums, for tests.
 public enum TensorBoardLogTestHooks {
+    /// CRC-32C of `bytes`.
     public static func crc32c(_ bytes: [UInt8]) -> UInt32 { TensorBoardLog.crc32c(bytes) }
+    /// TFRecord's masked CRC-32C of `bytes`.
     public static func maskedCRC(_ bytes: [UInt8]) -> UInt32 { TensorBoardLog.maskedCRC(bytes) }
 }
