@@ -41,7 +41,7 @@ struct Supervised: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Train DINOvMF's backbone with labels on the built-in shapes and report kNN accuracy each epoch.")
 
-    @Option(help: "resnet (width 8, DINOvMF's default) or vit-micro (64 wide, 4 deep, patch 7).")
+    @Option(help: "resnet (width 8, DINOvMF's default), vit-micro (64 wide, 4 deep, patch 7) or vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem).")
     var backbone: BackbonePreset = .resnet
     @Option(help: "Epochs over the 8,000 training images.")
     var epochs = 2
@@ -52,7 +52,7 @@ struct Supervised: ParsableCommand {
 
     func validate() throws {
         guard epochs >= 1, lr > 0, lr.isFinite, (threads ?? 1) >= 1 else { throw ValidationError("--epochs and --threads must be at least 1, --lr positive") }
-        guard backbone == .resnet || backbone == .vitMicro else { throw ValidationError("--backbone must be resnet or vit-micro") }
+        guard [.resnet, .vitMicro, .vitConv].contains(backbone) else { throw ValidationError("--backbone must be resnet, vit-micro or vit-conv") }
     }
 
     func run() throws {

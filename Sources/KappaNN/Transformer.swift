@@ -73,13 +73,21 @@ public struct ViTConfiguration: Sendable, Equatable, Codable {
     public var dropPathRate: Double = 0
     /// A learned mask token that replaces masked patch embeddings (iBOT).
     public var maskToken: Bool = false
+    /// A convolutional stem instead of the patch projection (Xiao et al. 2021, "Early
+    /// convolutions help transformers see better"): one 3×3 convolution of stride 2 with
+    /// BatchNorm and ReLU per entry, of that many output channels, then a 1×1 projection to
+    /// the token width. The strides multiply to the patch size (two entries for patch 4).
+    /// nil: the patch projection.
+    public var convolutionalStem: [Int]?
 
     /// A configuration (mask token off unless `maskToken`).
     public init(imageSize: Int, patchSize: Int, channels: Int, width: Int, depth: Int, heads: Int,
-                mlpRatio: Double = 4, eps: Double = 1e-6, dropPathRate: Double = 0, maskToken: Bool = false) {
+                mlpRatio: Double = 4, eps: Double = 1e-6, dropPathRate: Double = 0, maskToken: Bool = false,
+                convolutionalStem: [Int]? = nil) {
         (self.imageSize, self.patchSize, self.channels) = (imageSize, patchSize, channels)
         (self.width, self.depth, self.heads) = (width, depth, heads)
         (self.mlpRatio, self.eps, self.dropPathRate, self.maskToken) = (mlpRatio, eps, dropPathRate, maskToken)
+        self.convolutionalStem = convolutionalStem
     }
 
     /// ViT-Tiny (192 wide, 12 deep, 3 heads) for `imageSize` images with `patchSize` patches.
@@ -94,6 +102,11 @@ public struct ViTConfiguration: Sendable, Equatable, Codable {
     public static let refTiny = Self(imageSize: 32, patchSize: 4, channels: 3, width: 192, depth: 6, heads: 3)
     /// BENCHMARKS.md's `ref-micro`: 28×28×1 images, patch 7, 64 wide, 4 deep, 4 heads.
     public static let refMicro = Self(imageSize: 28, patchSize: 7, channels: 1, width: 64, depth: 4, heads: 4)
+    /// A ViT for small images: ref-micro's transformer (64 wide, 4 deep, 4 heads) on 4-pixel
+    /// tokens made by a convolutional stem of 16 and 32 channels (49 tokens on 28 pixels).
+    public static func convMicro(imageSize: Int = 28, channels: Int = 1) -> Self {
+        Self(imageSize: imageSize, patchSize: 4, channels: channels, width: 64, depth: 4, heads: 4, convolutionalStem: [16, 32])
+    }
 }
 
 /// A Vision Transformer (DINO's `VisionTransformer`): patch embedding as one product,
@@ -104,8 +117,12 @@ public final class VisionTransformer: Module {
     public let configuration: ViTConfiguration
     /// The patch embedding as a convolution's weight [D, C, P, P] and bias, applied as
     /// unfold + one matrix product.
+    /// (With a convolutional stem, the 1×1 projection's weight [D, C′, 1, 1].)
     @Parameter public var patchWeight: Tensor
+    /// The patch embedding's bias [D].
     @Parameter public var patchBias: Tensor
+    /// The convolutional stem's 3×3 stride-2 convolutions and their BatchNorms (empty without one).
+    public let stem: [Conv2d], stemNorms: [BatchNorm2d]
     @Parameter public var clsToken: Tensor
     @Parameter public var positionEmbedding: Tensor
     @Parameter public var maskToken: Tensor?
@@ -116,10 +133,24 @@ public final class VisionTransformer: Module {
     /// A ViT initialized as DINO's (truncated normal, std 0.02).
     public init(_ c: ViTConfiguration, dtype: DType = .float32, using g: inout RandomGenerator) {
         precondition(c.imageSize % c.patchSize == 0, "VisionTransformer: image size \(c.imageSize) is not a multiple of patch \(c.patchSize)")
+        if let widths = c.convolutionalStem {
+            precondition(!widths.isEmpty && 1 << widths.count == c.patchSize && widths.allSatisfy { $0 > 0 },
+                         "VisionTransformer: a stem of \(widths.count) stride-2 convolutions \(widths) makes patches of \(1 << widths.count), not \(c.patchSize)")
+        }
         configuration = c
-        let grid = c.imageSize / c.patchSize, cpp = c.channels * c.patchSize * c.patchSize
-        patchWeight = Initializer.fanInUniform([c.width, c.channels, c.patchSize, c.patchSize], fanIn: cpp, dtype: dtype, using: &g)
-        patchBias = Initializer.fanInUniform([c.width], fanIn: cpp, dtype: dtype, using: &g)
+        let grid = c.imageSize / c.patchSize
+        var convs: [Conv2d] = [], norms: [BatchNorm2d] = []
+        var inChannels = c.channels
+        for width in c.convolutionalStem ?? [] {
+            convs.append(Conv2d(inChannels, width, kernel: 3, stride: 2, padding: 1, bias: false, dtype: dtype, using: &g))
+            norms.append(BatchNorm2d(width, dtype: dtype))
+            inChannels = width
+        }
+        (stem, stemNorms) = (convs, norms)
+        let kernel = c.convolutionalStem == nil ? c.patchSize : 1
+        let fanIn = inChannels * kernel * kernel
+        patchWeight = Initializer.fanInUniform([c.width, inChannels, kernel, kernel], fanIn: fanIn, dtype: dtype, using: &g)
+        patchBias = Initializer.fanInUniform([c.width], fanIn: fanIn, dtype: dtype, using: &g)
         clsToken = Initializer.truncatedNormal([1, 1, c.width], dtype: dtype, using: &g)
         positionEmbedding = Initializer.truncatedNormal([1, 1 + grid * grid, c.width], dtype: dtype, using: &g)
         maskToken = c.maskToken ? Tensor.zeros([1, 1, c.width], dtype: dtype) : nil
@@ -154,8 +185,19 @@ public final class VisionTransformer: Module {
         precondition(images.rank == 4 && images.shape[1] == c.channels,
                      "VisionTransformer: expected [B, \(c.channels), H, W], got \(images.shape)")
         let (b, gh, gw) = (images.shape[0], images.shape[2] / c.patchSize, images.shape[3] / c.patchSize)
-        let w = patchWeight.reshape([c.width, c.channels * c.patchSize * c.patchSize])
-        var x = images.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
+        var x: Tensor
+        if stem.isEmpty {
+            let w = patchWeight.reshape([c.width, c.channels * c.patchSize * c.patchSize])
+            x = images.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
+        } else {
+            precondition(images.shape[2] % c.patchSize == 0 && images.shape[3] % c.patchSize == 0,
+                         "VisionTransformer: images \(images.shape) are not multiples of the stem's \(c.patchSize)-pixel tokens")
+            var h = images
+            for (conv, bn) in zip(stem, stemNorms) { h = bn(conv(h), applyingReLU: true) }
+            let channels = h.shape[1]
+            let tokens = h.reshape([b, channels, gh * gw]).transposed()                   // [B, N, C′]
+            x = tokens.matmul(patchWeight.reshape([c.width, channels]).transposed()) + patchBias
+        }
         if let mask {
             guard let token = maskToken else { preconditionFailure("VisionTransformer: a mask was given but the model has no mask token") }
             precondition(mask.shape == [b, gh * gw], "VisionTransformer: mask \(mask.shape) does not match [\(b), \(gh * gw)] patches")

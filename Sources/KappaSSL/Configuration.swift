@@ -172,6 +172,9 @@ public enum BackbonePreset: String, Codable, Sendable, CaseIterable {
     case vitTiny = "vit-tiny"
     /// ViT-Small: 384 wide, 12 deep, 6 heads.
     case vitSmall = "vit-small"
+    /// ViT-micro's transformer on 4-pixel tokens from a convolutional stem
+    /// (``ViTConfiguration/convMicro(imageSize:channels:)``; images of a multiple of 4 pixels).
+    case vitConv = "vit-conv"
 }
 
 extension DINOConfiguration {
@@ -194,14 +197,16 @@ extension DINOConfiguration {
         switch kind {
         case .resnet:
             c.backbone = .resnet(width: 8, channels: channels)
-        case .vitMicro, .vitTiny, .vitSmall:
-            guard patch > 0 else {
-                throw ObjectiveStateError("images of \(imageSize) pixels divide into neither 7- nor 4-pixel patches; use a ResNet")
+        case .vitMicro, .vitTiny, .vitSmall, .vitConv:
+            let tokenSize = kind == .vitConv ? 4 : patch
+            guard tokenSize > 0, imageSize % tokenSize == 0 else {
+                throw ObjectiveStateError("images of \(imageSize) pixels do not divide into \(kind == .vitConv ? "4" : "7- or 4")-pixel patches; use a ResNet")
             }
             var v = kind == .vitMicro ? ViTConfiguration.refMicro
                 : kind == .vitTiny ? ViTConfiguration.tiny(imageSize: imageSize, patchSize: patch, channels: channels)
+                : kind == .vitConv ? ViTConfiguration.convMicro(imageSize: imageSize, channels: channels)
                 : ViTConfiguration.small(imageSize: imageSize, patchSize: patch, channels: channels)
-            (v.imageSize, v.patchSize, v.channels) = (imageSize, patch, channels)
+            (v.imageSize, v.patchSize, v.channels) = (imageSize, tokenSize, channels)
             v.maskToken = method.isIBOT
             c.backbone = .vit(v)
             c.epochs = 20
@@ -212,7 +217,8 @@ extension DINOConfiguration {
             c.ibot = IBOTSettings(following: c.loss)
         }
         c.augmentation.globalSize = imageSize
-        c.augmentation.localSize = patch > 0 ? Swift.max(patch, (imageSize / 2) / patch * patch) : imageSize / 2
+        let tokenSize = kind == .vitConv ? 4 : (kind == .resnet ? 0 : patch)
+        c.augmentation.localSize = tokenSize > 0 ? Swift.max(tokenSize, (imageSize / 2) / tokenSize * tokenSize) : imageSize / 2
         c.augmentation.invertProbability = mixedPolarity ? 0.5 : 0
         return c
     }

@@ -126,6 +126,25 @@ struct LayerTests {
         expectLayerGradients(block, randn([2, 3, 4], seed: 22), mode: .fast) { block($0) }
     }
 
+    @Test func visionTransformerWithAConvolutionalStem() {
+        var g = RandomGenerator(seed: 5)
+        let config = ViTConfiguration(imageSize: 8, patchSize: 4, channels: 2, width: 8, depth: 1, heads: 2, mlpRatio: 2,
+                                      maskToken: true, convolutionalStem: [3, 4])
+        let vit = VisionTransformer(config, dtype: .float64, using: &g)
+        #expect(vit.namedParameters().map(\.name).prefix(4) == ["patchWeight", "patchBias", "stem.0.weight", "stem.1.weight"])
+        #expect(vit.patchWeight.shape == [8, 4, 1, 1] && vit.stem.count == 2)
+        vit.maskToken!.assign(randn([1, 1, 8], seed: 40))
+        let images = randn([3, 2, 8, 8], seed: 41)
+        let (cls, patches) = vit(images)
+        #expect(cls.shape == [3, 8] && patches.shape == [3, 4, 8])
+        // Gradients through the stem's convolutions, BatchNorms (batch statistics) and the projection.
+        expectLayerGradients(vit, images, mode: .fast) { vit($0).cls }
+        let mask = Tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0], shape: [3, 4])
+        expectLayerGradients(vit, images, mode: .fast) { vit($0, mask: mask).patches }
+        // A 12×12 crop: 3×3 tokens, the positional embedding resized.
+        #expect(vit(randn([2, 2, 12, 12], seed: 42)).patches.shape == [2, 9, 8])
+    }
+
     @Test func visionTransformer() {
         var g = RandomGenerator(seed: 4)
         let config = ViTConfiguration(imageSize: 8, patchSize: 4, channels: 2, width: 8, depth: 2, heads: 2, mlpRatio: 2,
