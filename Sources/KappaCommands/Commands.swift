@@ -437,7 +437,9 @@ struct Train: ParsableCommand {
         if model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
             warn("the learning-rate warmup is \(config.warmupEpochs) epoch\(config.warmupEpochs == 1 ? "" : "s"), clamped to --epochs \(config.epochs)")
         }
-        let method = KappaCommand.objectiveName ?? model.resolvedMethod.rawValue
+        // The run's name: the objective's, the --method given, or (resuming) what the configuration is.
+        let inferred = (config.ibot != nil ? "ibot" : "dino") + (config.loss.vmfNormalization ? "-vmf" : "")
+        let method = KappaCommand.objectiveName ?? model.method?.rawValue ?? inferred
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let trainer = try makeTrainer(config, train)
         let evaluator = try Evaluator(reference: train, test: test)
