@@ -24,7 +24,7 @@ import KappaNN
 ///                      epoch: context.epoch)
 ///         return ObjectiveOutput(loss: r.loss, monitors: r.monitors)
 ///     }
-///     var state: [(name: String, tensor: Tensor)] { dino.state }
+///     var state: [(name: String, tensor: Tensor)] { dino.state() }
 ///     func loadState(_ tensors: [String: Tensor]) throws { try dino.loadState(tensors) }
 /// }
 /// ```
