@@ -401,14 +401,6 @@ func makeTrainer(_ config: DINOConfiguration, _ train: ImageDataset) throws -> T
     return try TeacherStudentTrainer(configuration: config, objective: objective, train: train)
 }
 
-/// Images that no configuration can take: not square, or smaller than 4 pixels.
-func checkImages(_ d: ImageDataset) throws {
-    guard d.height == d.width else {
-        throw FileError(path: d.source, problem: "images of \(d.height)×\(d.width) pixels; the views are square crops, so the images must be square")
-    }
-    guard d.height >= 4 else { throw FileError(path: d.source, problem: "images of \(d.height)×\(d.width) pixels; at least 4×4 are needed") }
-}
-
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Train, then report kNN and linear-probe accuracy next to two baselines (default).")
     @OptionGroup var data: DataOptions
@@ -431,7 +423,7 @@ struct Train: ParsableCommand {
         let base = resume && FileManager.default.fileExists(atPath: checkpoint.path) ? try RunCheckpoint.configuration(in: checkpoint) : nil
         let seed = common.resolvedSeed(base)
         let (train, test) = try data.load(seed: seed)
-        try checkImages(train)
+        try DINOConfiguration.checkShape(of: train)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: seed,
                                              mixedPolarity: data.isBuiltin, base: base)
         if model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
@@ -520,7 +512,7 @@ struct Ablation: ParsableCommand {
         try common.apply()
         guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
         let (train, test) = try data.load(seed: common.resolvedSeed(nil))
-        try checkImages(train)
+        try DINOConfiguration.checkShape(of: train)
         let evaluator = try Evaluator(reference: train, test: test)
         try common.makeOutput()
         var cells: [RunRecord] = []

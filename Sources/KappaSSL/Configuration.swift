@@ -111,6 +111,17 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
         }
     }
 
+    /// Throws ``TrainerError`` when no configuration can take `images`: not square (the views
+    /// are square crops) or smaller than 4 pixels (local crops of half the size).
+    public static func checkShape(of images: ImageDataset) throws {
+        guard images.height == images.width else {
+            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; the views are square crops, so the images must be square")
+        }
+        guard images.height >= 4 else {
+            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; at least 4×4 are needed (local crops of half the size)")
+        }
+    }
+
     /// Throws ``TrainerError`` when `images` cannot go through this configuration's networks:
     /// another number of channels, images that are not square (the views are square crops) or
     /// smaller than 4 pixels, or (ViT) a side that does not divide into patches.
@@ -118,12 +129,7 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
         guard images.channels == channels else {
             throw TrainerError("\(images.source): images of \(images.channels) channels, but the backbone takes \(channels)")
         }
-        guard images.height == images.width else {
-            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; the views are square crops, so the images must be square")
-        }
-        guard images.height >= 4 else {
-            throw TrainerError("\(images.source): images of \(images.height)×\(images.width) pixels; at least 4×4 are needed (local crops of half the size)")
-        }
+        try Self.checkShape(of: images)
         if case .vit(let v) = backbone, images.height % v.patchSize != 0 {
             throw TrainerError("\(images.source): images of \(images.height) pixels do not divide into the ViT's \(v.patchSize)-pixel patches")
         }
@@ -188,7 +194,7 @@ extension DINOConfiguration {
     public static func preset(method: SSLMethod = .dinoVMF, backbone: BackbonePreset? = nil, imageSize: Int = 28, channels: Int = 1,
                               mixedPolarity: Bool = false) throws -> DINOConfiguration {
         guard imageSize >= 4, channels >= 1 else {
-            throw ObjectiveStateError("images of \(imageSize) pixels and \(channels) channels: at least 4 pixels and one channel are needed")
+            throw TrainerError("images of \(imageSize) pixels and \(channels) channels: at least 4 pixels and one channel are needed")
         }
         var c = DINOConfiguration()
         if !method.isVMF { c.useDINO() }
@@ -200,7 +206,7 @@ extension DINOConfiguration {
         case .vitMicro, .vitTiny, .vitSmall, .vitConv:
             let tokenSize = kind == .vitConv ? 4 : patch
             guard tokenSize > 0, imageSize % tokenSize == 0 else {
-                throw ObjectiveStateError("images of \(imageSize) pixels do not divide into \(kind == .vitConv ? "4" : "7- or 4")-pixel patches; use a ResNet")
+                throw TrainerError("images of \(imageSize) pixels do not divide into \(kind == .vitConv ? "4" : "7- or 4")-pixel patches; use a ResNet")
             }
             var v = kind == .vitMicro ? ViTConfiguration.refMicro
                 : kind == .vitTiny ? ViTConfiguration.tiny(imageSize: imageSize, patchSize: patch, channels: channels)
@@ -213,7 +219,7 @@ extension DINOConfiguration {
             c.baseLearningRate = 2e-3
         }
         if method.isIBOT {
-            guard c.backbone.isViT else { throw ObjectiveStateError("iBOT needs a ViT backbone") }
+            guard c.backbone.isViT else { throw TrainerError("iBOT needs a ViT backbone") }
             c.ibot = IBOTSettings(following: c.loss)
         }
         c.augmentation.globalSize = imageSize

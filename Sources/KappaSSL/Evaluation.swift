@@ -217,16 +217,10 @@ public final class Evaluator {
     /// kNN on raw pixels and on the randomly initialized backbone of `c` (the student's initialization).
     func baselines(_ c: DINOConfiguration) -> (raw: Double, random: Double) {
         if let b = baselineCache { return b }
-        let norm = (c.augmentation.mean, c.augmentation.std)
         let raw = Evaluation.accuracy(Evaluation.knnPredict(train: Evaluation.pixels(of: reference), trainLabels: trainLabels,
                                                             test: Evaluation.pixels(of: test), classes: classes), testLabels)
         var g = RandomGenerator(seed: c.seed)
-        let initial = c.backbone.make(using: &g)
-        initial.eval()
-        let rTrain = Evaluation.features(of: reference, normalize: norm) { initial.features($0) }
-        let rTest = Evaluation.features(of: test, normalize: norm) { initial.features($0) }
-        let random = Evaluation.accuracy(Evaluation.knnPredict(train: rTrain, trainLabels: trainLabels, test: rTest, classes: classes),
-                                         testLabels)
+        let random = knn(c.backbone.make(using: &g), normalization: (c.augmentation.mean, c.augmentation.std))
         baselineCache = (raw, random)
         return (raw, random)
     }

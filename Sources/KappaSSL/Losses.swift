@@ -82,18 +82,13 @@ public final class DINOLoss {
             (self.loss, self.teacherEntropy, self.klDivergence, self.teacherTemperature) = (loss, teacherEntropy, klDivergence, teacherTemperature)
         }
 
-        /// τ_t, the teacher entropy and the KL divergence as log entries; `prefix` names
-        /// another term's (iBOT's patch term: `"patch"`).
-        public func monitors(prefix: String = "") -> [LoggedScalar] {
-            func key(_ k: String) -> String { prefix.isEmpty ? k : prefix + k.prefix(1).uppercased() + k.dropFirst() }
-            let p = prefix.isEmpty ? "" : prefix + " "
-            return [LoggedScalar(key("teacherTemperature"), label: p + "τt", teacherTemperature, format: "%.3f"),
-                    LoggedScalar(key("teacherEntropy"), label: p + "H(t)", teacherEntropy, format: "%.2f"),
-                    LoggedScalar(key("klDivergence"), label: p + "KL", klDivergence, format: "%.3f")]
+        /// τ_t, the teacher entropy and the KL divergence, as the progress line and
+        /// `metrics.jsonl` show them.
+        public var monitors: [LoggedScalar] {
+            [LoggedScalar("teacherTemperature", label: "τt", teacherTemperature, format: "%.3f"),
+             LoggedScalar("teacherEntropy", label: "H(t)", teacherEntropy, format: "%.2f"),
+             LoggedScalar("klDivergence", label: "KL", klDivergence, format: "%.3f")]
         }
-
-        /// The monitors of the [CLS] loss, as the progress line and `metrics.jsonl` show them.
-        public var monitors: [LoggedScalar] { monitors() }
     }
 
     /// The teacher's side of a step: the targets of each teacher view and the raw logits the

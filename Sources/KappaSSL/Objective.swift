@@ -182,21 +182,23 @@ public final class TeacherStudentNetworks {
     /// The student's head logits ⟨w_k, y⟩ [B, K] for each view, with gradients. Views of one
     /// shape go through the networks as one batch (BatchNorm sees them together, as in DINO).
     public func studentLogits(_ views: [Tensor]) -> [Tensor] {
-        Self.forward(student, studentHead, views).logits
+        Self.forward(student, studentHead, views, keepingFeatures: false).logits
     }
 
     /// The student's backbone features [B, D] and head logits [B, K] for each view, from one
     /// forward pass (for a loss that also acts on the features, as DINOv2's KoLeo term does).
     public func studentForward(_ views: [Tensor]) -> (features: [Tensor], logits: [Tensor]) {
-        Self.forward(student, studentHead, views)
+        Self.forward(student, studentHead, views, keepingFeatures: true)
     }
 
     /// The teacher's head logits for each view, without gradients.
     public func teacherLogits(_ views: [Tensor]) -> [Tensor] {
-        withoutGradients { Self.forward(teacher, teacherHead, views).logits }
+        withoutGradients { Self.forward(teacher, teacherHead, views, keepingFeatures: false).logits }
     }
 
-    static func forward(_ encoder: FeatureEncoder, _ head: DINOHead, _ views: [Tensor]) -> (features: [Tensor], logits: [Tensor]) {
+    /// Splits the features per view (views on the tape) only when a caller reads them.
+    static func forward(_ encoder: FeatureEncoder, _ head: DINOHead, _ views: [Tensor],
+                        keepingFeatures: Bool) -> (features: [Tensor], logits: [Tensor]) {
         var features: [Tensor] = [], logits: [Tensor] = []
         var i = 0
         while i < views.count {
@@ -205,7 +207,7 @@ public final class TeacherStudentNetworks {
             let group = Array(views[i..<j])
             let sizes = group.map { $0.shape[0] }
             let f = encoder.features(Tensor.concat(group, alongAxis: 0))
-            features += f.split(sizes: sizes, alongAxis: 0)
+            if keepingFeatures { features += f.split(sizes: sizes, alongAxis: 0) }
             logits += head(f).logits.split(sizes: sizes, alongAxis: 0)
             i = j
         }

@@ -51,6 +51,23 @@ public final class MetricsLog {
     }
 }
 
+/// The finite values in `bins` equal bins from their minimum to their maximum (a bin of width
+/// 1 around a single value): what the SVG histograms and TensorBoard's both draw.
+struct Histogram {
+    let values: [Double]
+    /// bins + 1 bin edges, and the count in each bin.
+    let edges: [Double], counts: [Double]
+
+    init?(_ all: [Double], bins: Int) {
+        values = all.filter(\.isFinite)
+        guard var lo = values.min(), var hi = values.max(), bins >= 1 else { return nil }
+        if lo == hi { (lo, hi) = (lo - 0.5, hi + 0.5) }
+        var counts = [Double](repeating: 0, count: bins)
+        for x in values { counts[Swift.min(bins - 1, Int((x - lo) / (hi - lo) * Double(bins)))] += 1 }
+        (self.counts, edges) = (counts, (0...bins).map { lo + (hi - lo) * Double($0) / Double(bins) })
+    }
+}
+
 /// SVG charts for a run's plots, written by hand (no plotting package is on this platform's
 /// list): round-number ticks on both axes with a light grid, axis labels, the legend beside the
 /// plot, markers where a series has few points (a single point still shows), and constant
@@ -138,13 +155,8 @@ public enum SVGPlot {
 
     /// A histogram of `values` in `bins` equal bins.
     public static func histogram(title: String, xLabel: String, yLabel: String = "count", values: [Double], bins: Int = 30) -> String {
-        let v = values.filter(\.isFinite)
-        guard var lo = v.min(), var hi = v.max() else { return lines(title: title, xLabel: xLabel, yLabel: yLabel, series: []) }
-        if lo == hi { lo -= 0.5; hi += 0.5 }
-        var counts = [Int](repeating: 0, count: bins)
-        for x in v { counts[Swift.min(bins - 1, Int((x - lo) / (hi - lo) * Double(bins)))] += 1 }
-        return bars(title: title, xLabel: xLabel, yLabel: yLabel, edges: (0...bins).map { lo + (hi - lo) * Double($0) / Double(bins) },
-                    counts: counts.map(Double.init))
+        guard let h = Histogram(values, bins: bins) else { return lines(title: title, xLabel: xLabel, yLabel: yLabel, series: []) }
+        return bars(title: title, xLabel: xLabel, yLabel: yLabel, edges: h.edges, counts: h.counts)
     }
 
     /// Bars of `counts[i]` over [edges[i], edges[i + 1]).

@@ -45,28 +45,27 @@ public enum RunCheckpoint {
     /// has more (a run extended past its end: the schedules become the longer run's).
     public static func restore(_ trainer: TeacherStudentTrainer, from url: URL, checkingData: Bool = true,
                                allowingLongerRun: Bool = false) throws {
-        let saved = try configuration(in: url)
-        var lengthened = saved
-        lengthened.epochs = trainer.configuration.epochs
-        let longer = allowingLongerRun && lengthened == trainer.configuration && trainer.configuration.epochs >= saved.epochs
-        if allowingLongerRun && lengthened == trainer.configuration && trainer.configuration.epochs < saved.epochs {
-            throw CheckpointError(path: url.path, problem: "the run has \(saved.epochs) epochs; extending needs more, not \(trainer.configuration.epochs)")
-        }
-        guard saved == trainer.configuration || longer else {
-            let hint = lengthened == trainer.configuration && !allowingLongerRun ? "; a run goes on for more epochs with --extend" : ""
-            throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, trainer.configuration)))\(hint)")
+        // One read and one decoding of the metadata for every check; nothing is loaded before they pass.
+        let (tensors, meta) = try SafeTensors.read(url)
+        let (stored, saved) = try storedConfiguration(meta, url)
+        let mine = trainer.configuration
+        if saved != mine {
+            var lengthened = saved
+            lengthened.epochs = mine.epochs
+            guard allowingLongerRun && lengthened == mine else {
+                let hint = lengthened == mine ? "; a run goes on for more epochs with --extend" : ""
+                throw CheckpointError(path: url.path, problem: "it was written by a run with another configuration (\(difference(saved, mine)))\(hint)")
+            }
+            guard mine.epochs > saved.epochs else {
+                throw CheckpointError(path: url.path, problem: "the run has \(saved.epochs) epochs; extending needs more, not \(mine.epochs)")
+            }
         }
         let n = trainer.networks
-        // Check the objective and its state before anything is loaded.
-        let (tensors, meta) = try SafeTensors.read(url)
-        if let json = meta["kappa.training_state"], let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
-           let saved = state.configuration[objectiveKey], saved != objectiveName(trainer.objective) {
-            throw CheckpointError(path: url.path, problem: "it was written by a run of \(saved), not \(objectiveName(trainer.objective))")
+        if let savedObjective = stored.configuration[objectiveKey], savedObjective != objectiveName(trainer.objective) {
+            throw CheckpointError(path: url.path, problem: "it was written by a run of \(savedObjective), not \(objectiveName(trainer.objective))")
         }
-        if checkingData, let json = meta["kappa.training_state"],
-           let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
-           let saved = state.configuration[dataKey], let mine = dataIdentity(trainer.train), saved != mine {
-            throw CheckpointError(path: url.path, problem: "it was trained on \(saved), not on \(mine)")
+        if checkingData, let savedData = stored.configuration[dataKey], let data = dataIdentity(trainer.train), savedData != data {
+            throw CheckpointError(path: url.path, problem: "it was trained on \(savedData), not on \(data)")
         }
         var extra: [String: Tensor] = [:]
         for (name, t) in tensors where name.hasPrefix("extra.") { extra[String(name.dropFirst(6))] = t }
@@ -83,14 +82,18 @@ public enum RunCheckpoint {
 
     /// Reads the configuration stored in a checkpoint written by ``save(_:to:)``.
     public static func configuration(in url: URL) throws -> DINOConfiguration {
-        let (_, meta) = try SafeTensors.read(url)
+        try storedConfiguration(try SafeTensors.read(url).metadata, url).configuration
+    }
+
+    /// The training state and the configuration in a checkpoint's metadata.
+    static func storedConfiguration(_ meta: [String: String], _ url: URL) throws -> (state: TrainingState, configuration: DINOConfiguration) {
         guard let json = meta["kappa.training_state"],
               let state = try? JSONDecoder().decode(TrainingState.self, from: Data(json.utf8)),
               let config = state.configuration[configurationKey] else {
             throw CheckpointError(path: url.path, problem: "not a DINOvMF checkpoint (no configuration in the metadata)")
         }
         do {
-            return try JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8))
+            return (state, try JSONDecoder().decode(DINOConfiguration.self, from: Data(config.utf8)))
         } catch {
             throw CheckpointError(path: url.path, problem: "its configuration cannot be read by this version of Kappa (\(error))")
         }

@@ -66,12 +66,9 @@ public final class TensorBoardLog {
 
     /// A histogram of `values` in `bins` equal buckets.
     public func histogram(_ tag: String, values: [Double], bins: Int = 30, step: Int, wallTime: Double = Date().timeIntervalSince1970) {
-        let v = values.filter(\.isFinite)
-        guard var lo = v.min(), var hi = v.max() else { return }
-        if lo == hi { (lo, hi) = (lo - 0.5, hi + 0.5) }
-        var counts = [Double](repeating: 0, count: bins)
-        for x in v { counts[Swift.min(bins - 1, Int((x - lo) / (hi - lo) * Double(bins)))] += 1 }
-        histogram(tag, min: v.min()!, max: v.max()!, limits: (1...bins).map { lo + (hi - lo) * Double($0) / Double(bins) }, counts: counts,
+        guard let h = Histogram(values, bins: bins) else { return }
+        let v = h.values
+        histogram(tag, min: v.min()!, max: v.max()!, limits: Array(h.edges.dropFirst()), counts: h.counts,
                   sum: v.reduce(0, +), sumSquares: v.reduce(0) { $0 + $1 * $1 }, step: step, wallTime: wallTime)
     }
 
