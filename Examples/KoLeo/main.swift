@@ -70,7 +70,7 @@ struct KoLeoOptions: ParsableArguments {
 }
 
 var arguments = Array(CommandLine.arguments.dropFirst())
-var weight = KoLeoOptions().koleoWeight
+var weight = KoLeoOptions.parseOrExit([]).koleoWeight   // the option's default
 if let i = arguments.firstIndex(of: "--koleo-weight") {
     let pair = Array(arguments[i..<Swift.min(i + 2, arguments.count)])
     let options = KoLeoOptions.parseOrExit(pair)

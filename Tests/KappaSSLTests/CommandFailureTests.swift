@@ -135,6 +135,22 @@ struct CommandFailureTests {
         try expectDataError(["compare", a, Self.path("nowhere")], saying: "nowhere")
     }
 
+    @Test func koLeoProgramRuns() throws {
+        let koleo = CrashTests.program!.deletingLastPathComponent().appendingPathComponent("KoLeo")
+        try #require(FileManager.default.isExecutableFile(atPath: koleo.path), "KoLeo is built beside DINOvMF")
+        for extra in [[], ["--koleo-weight", "0.3"]] {
+            let p = Process()
+            p.executableURL = koleo
+            p.arguments = ["--dry-run", "--threads", "1", "--train-count", "64", "--eval-count", "8"] + extra
+            let pipe = Pipe()
+            (p.standardOutput, p.standardError) = (pipe, pipe)
+            try p.run()
+            let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            #expect(p.terminationReason == .exit && p.terminationStatus == 0 && output.contains("dry run"), "\(extra): \(output.suffix(600))")
+        }
+    }
+
     @Test func ablationWritesOneReportWithEveryCell() throws {
         let out = Self.path("ablation")
         let r = try Self.run(["ablation", "--budget-epochs", "1"] + Self.tiny.filter { $0 != "--no-linear-probe" } + ["--output", out])
