@@ -7,6 +7,8 @@ let package = Package(
         .library(name: "Kappa", targets: ["Kappa"]),
         .library(name: "KappaNN", targets: ["KappaNN"]),
         .library(name: "KappaSSL", targets: ["KappaSSL"]),
+        // Data-parallel training over MPI (`mpirun`); the other libraries need no MPI.
+        .library(name: "KappaMPI", targets: ["KappaMPI"]),
         // The DINOvMF command line, for programs of new objectives (Examples/KoLeo).
         .library(name: "KappaCommands", targets: ["KappaCommands"]),
         .executable(name: "GradCheck", targets: ["GradCheck"]),
@@ -35,6 +37,14 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        // Open MPI through pkg-config; without its headers the shim compiles to stubs that say so.
+        .systemLibrary(
+            name: "CMPI",
+            path: "Sources/CMPI",
+            pkgConfig: "ompi-c",
+            providers: [.apt(["libopenmpi-dev"])]
+        ),
+        .target(name: "KappaMPI", dependencies: ["CMPI", "KappaNN"]),
         // Hot kernels in C, compiled per x86-64 level with target_clones and chosen at load time.
         .target(name: "CKappaKernels", path: "Sources/CKappaKernels"),
         .target(
@@ -46,7 +56,7 @@ let package = Package(
         .executableTarget(name: "GradCheck", dependencies: ["Kappa"], path: "Examples/GradCheck"),
         .target(
             name: "KappaCommands",
-            dependencies: ["Kappa", "KappaNN", "KappaSSL", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaMPI", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(name: "DINOvMF", dependencies: ["KappaCommands"], path: "Examples/DINOvMF"),
         .executableTarget(name: "iBOTvMF", dependencies: ["KappaCommands"], path: "Examples/iBOTvMF"),

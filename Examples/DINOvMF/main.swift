@@ -8,4 +8,5 @@ KappaCommand.name = "DINOvMF"
 KappaCommand.defaultMethod = .dinoVMF
 HostSetup.useFastestBLASKernels()
 HostSetup.applyFaultInjection()
+HostSetup.joinProcesses()
 KappaCommand.main()

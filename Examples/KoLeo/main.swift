@@ -89,4 +89,5 @@ KappaCommand.makeObjective = { c in
 }
 HostSetup.useFastestBLASKernels()
 HostSetup.applyFaultInjection()
+HostSetup.joinProcesses()
 KappaCommand.main(arguments)

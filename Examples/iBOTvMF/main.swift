@@ -8,4 +8,5 @@ KappaCommand.name = "iBOTvMF"
 KappaCommand.defaultMethod = .ibotVMF
 HostSetup.useFastestBLASKernels()
 HostSetup.applyFaultInjection()
+HostSetup.joinProcesses()
 KappaCommand.main()

@@ -80,8 +80,10 @@ public struct ModelOptions: ParsableArguments {
     var headHidden: Int?
     @Option(help: "Epochs. Default: \(d.epochs) with a ResNet, \(vit.epochs) with a ViT.")
     var epochs: Int?
-    @Option(help: "Images per batch (each gives 2 global + --local-crops local views). Default: \(d.batchSize).")
+    @Option(help: "Images per batch and per process (each gives 2 global + --local-crops local views); under mpirun -np N a step trains on N × this. Default: \(d.batchSize).")
     var batchSize: Int?
+    @Option(help: "With several processes (mpirun): SyncBatchNorm, every BatchNorm normalizing over the whole batch (true/false). Default: true.")
+    var syncBatchNorm: Bool?
     @Option(help: "Base learning rate, scaled by batch/256 (AdamW, linear warmup then cosine). Too high makes the loss NaN or collapses the teacher. Default: \(d.baseLearningRate) with a ResNet (BatchNorm throughout), \(vit.baseLearningRate) with a ViT.")
     var lr: Double?
     @Option(help: "Final learning rate of the cosine schedule. Default: \(d.minLearningRate).")
@@ -190,6 +192,7 @@ public struct ModelOptions: ParsableArguments {
         if let headHidden { c.headHidden = headHidden }
         if let epochs { c.epochs = epochs }
         if let batchSize { c.batchSize = batchSize }
+        if let syncBatchNorm { c.synchronizeBatchNorm = syncBatchNorm }
         if let lr { c.baseLearningRate = lr }
         if let minLr { c.minLearningRate = minLr }
         c.warmupEpochs = warmupEpochs ?? Swift.min(c.warmupEpochs, Swift.max(c.epochs, 0))
@@ -387,15 +390,19 @@ func runStoppable(_ session: TrainingSession, resume: Bool = false) throws -> Tr
     sigaddset(&set, SIGINT)
     pthread_sigmask(SIG_UNBLOCK, &set, nil)
     defer { signal(SIGINT, SIG_DFL) }
-    session.shouldStop = { interruptRequested.load(ordering: .relaxed) }
+    let trainer = session.trainer
+    session.shouldStop = {
+        interruptRequested.load(ordering: .relaxed)
+            || (HostSetup.interruptAtStep.map { Distributed.isMain && trainer.step >= $0 } ?? false)
+    }
     return try session.run(resume: resume)
 }
 
 /// The trainer for `config` on `train`: a batch larger than the data is a usage error, data
 /// the networks cannot take a data error (``TrainerError``, naming the file).
 func makeTrainer(_ config: DINOConfiguration, _ train: ImageDataset) throws -> TeacherStudentTrainer {
-    guard config.batchSize <= train.count else {
-        throw ValidationError("--batch-size \(config.batchSize) exceeds the \(train.count) training images of \(train.source)")
+    guard config.batchSize * Distributed.size <= train.count else {
+        throw ValidationError("--batch-size \(config.batchSize)\(Distributed.size > 1 ? " × \(Distributed.size) processes" : "") exceeds the \(train.count) training images of \(train.source)")
     }
     let objective = try KappaCommand.makeObjective?(config)
     return try TeacherStudentTrainer(configuration: config, objective: objective, train: train)
@@ -426,13 +433,13 @@ struct Train: ParsableCommand {
         try DINOConfiguration.checkShape(of: train)
         let config = try model.configuration(imageSize: train.height, channels: train.channels, seed: seed,
                                              mixedPolarity: data.isBuiltin, base: base)
-        if model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
+        if base == nil && model.warmupEpochs == nil && config.warmupEpochs < DINOConfiguration().warmupEpochs {
             warn("the learning-rate warmup is \(config.warmupEpochs) epoch\(config.warmupEpochs == 1 ? "" : "s"), clamped to --epochs \(config.epochs)")
         }
         // The run's name: the objective's, the --method given, or (resuming) what the configuration is.
         let inferred = (config.ibot != nil ? "ibot" : "dino") + (config.loss.vmfNormalization ? "-vmf" : "")
         let method = KappaCommand.objectiveName ?? model.method?.rawValue ?? inferred
-        print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
+        print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads\(Distributed.size > 1 ? " in each of \(Distributed.size) processes (batch \(Distributed.size) × \(config.batchSize))" : "") (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let trainer = try makeTrainer(config, train)
         let evaluator = try Evaluator(reference: train, test: test)
         if dryRun { return try Self.dryRun(trainer, train, test, resume ? common.output : nil, extend: extend) }

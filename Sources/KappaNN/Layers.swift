@@ -79,6 +79,11 @@ public class BatchNorm: Module {
     @Buffer public var runningVar: Tensor
     /// Added to the variance; the running statistics' update weight (PyTorch's convention).
     public let eps: Double, momentum: Double
+    /// SyncBatchNorm: in training, the statistics are those of the batch over every process
+    /// of ``Distributed/world`` (each process holds a shard of it), as PyTorch's
+    /// `SyncBatchNorm`. Nothing changes with one process. Set it with
+    /// ``Module/synchronizeBatchNorm(_:)``; KappaSSL's trainer does when it runs on several.
+    public var synchronized = false
     let spatialRanks: Set<Int>
 
     init(_ channels: Int, eps: Double, momentum: Double, dtype: DType, ranks: Set<Int>) {
@@ -97,7 +102,8 @@ public class BatchNorm: Module {
         precondition(spatialRanks.contains(x.rank) && x.shape[1] == c,
                      "\(type(of: self)): input \(x.shape) does not have \(c) channels on axis 1 (rank \(spatialRanks.sorted()))")
         return x.batchNorm(weight: weight, bias: bias, runningMean: runningMean, runningVariance: runningVar,
-                           training: isTraining, momentum: momentum, eps: eps, applyingReLU: applyingReLU)
+                           training: isTraining, momentum: momentum, eps: eps, applyingReLU: applyingReLU,
+                           synchronizing: synchronized && Distributed.size > 1 ? Distributed.sum : nil)
     }
 }
 

@@ -241,8 +241,12 @@ public final class MultiCropLoader: @unchecked Sendable {
     public let dataset: ImageDataset
     /// The views made of each image.
     public let augmentation: MultiCropAugmentation
-    /// Images per batch (a last partial batch is dropped).
+    /// Images per batch of this process (a last partial batch is dropped).
     public let batchSize: Int
+    /// This process's shard: with `count` processes, each global batch of
+    /// `count`·``batchSize`` images is split into `count` consecutive parts and this
+    /// process takes part `index`. One process: (0, 1).
+    public let shard: (index: Int, count: Int)
     /// With the epoch, what the permutation and every crop depend on.
     public let seed: UInt64
     private let condition = NSCondition()
@@ -252,16 +256,23 @@ public final class MultiCropLoader: @unchecked Sendable {
     private let depth: Int
     private let workers: Int
 
-    /// The number of full batches per epoch (the last partial batch is dropped, as DINO).
-    public var batchCount: Int { dataset.count / batchSize }
+    /// The number of full batches per epoch (the last partial global batch is dropped, as DINO).
+    public var batchCount: Int { dataset.count / (batchSize * shard.count) }
 
     /// A loader of one epoch: a permutation of the images from (seed, epoch), views made on
-    /// background threads through a queue of `queueDepth` batches.
+    /// background threads through a queue of `queueDepth` batches. With `shard`, this
+    /// process's part of each global batch (the permutation and every image's crops are
+    /// the same in every process, so N processes see what one process with batch
+    /// N·`batchSize` sees).
     public init(dataset: ImageDataset, augmentation: MultiCropAugmentation, batchSize: Int, seed: UInt64, epoch: Int,
-                queueDepth: Int = 2, workers: Int = 1) {
-        precondition(batchSize > 0 && batchSize <= dataset.count, "MultiCropLoader: batch \(batchSize) for \(dataset.count) images")
+                shard: (index: Int, count: Int) = (0, 1), queueDepth: Int = 2, workers: Int = 1) {
+        precondition(shard.count >= 1 && (0..<shard.count).contains(shard.index),
+                     "MultiCropLoader: shard \(shard.index) of \(shard.count)")
+        precondition(batchSize > 0 && batchSize * shard.count <= dataset.count,
+                     "MultiCropLoader: batch \(batchSize) × \(shard.count) processes for \(dataset.count) images")
         (self.dataset, self.augmentation, self.batchSize, self.seed, depth, self.workers) =
             (dataset, augmentation, batchSize, seed, Swift.max(1, queueDepth), Swift.max(1, workers))
+        self.shard = shard
         var g = RandomGenerator(seed: MultiCropLoader.mix(seed, UInt64(epoch), 0xE90C))
         var order = Array(0..<dataset.count)
         order.shuffle(using: &g)
@@ -293,7 +304,8 @@ public final class MultiCropLoader: @unchecked Sendable {
             let stop = stopped
             condition.unlock()
             if stop { return }
-            let indices = Array(order[(b * batchSize)..<((b + 1) * batchSize)])
+            let first = (b * shard.count + shard.index) * batchSize
+            let indices = Array(order[first..<(first + batchSize)])
             var perSample = [[[Float]]](repeating: [], count: indices.count)
             perSample.withUnsafeMutableBufferPointer { out in
                 DispatchQueue.concurrentPerform(iterations: workers) { w in

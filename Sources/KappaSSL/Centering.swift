@@ -1,4 +1,5 @@
 import Kappa
+import KappaNN
 
 /// How the teacher's assignments are kept from collapsing: the teacher target for a batch
 /// of raw teacher logits r (shape [N, K]; r = ⟨w_k, y⟩, plus τ_t·log C_p(‖w_k‖/τ_t) with
@@ -13,6 +14,10 @@ import Kappa
 ///   batch's assignment matrix has equal prototype marginals; no running state.
 ///
 /// The center is part of the training state: save ``center`` with checkpoints.
+///
+/// With several processes (``Distributed/world``, each holding an equal shard of the batch)
+/// the batch statistics are those of the whole batch, as DINO's `update_center` (an
+/// allreduce) and DINOv2's distributed Sinkhorn–Knopp: every process keeps the same center.
 public final class Centering {
     /// Which of the three.
     public enum Kind: Equatable, Sendable, CustomStringConvertible {
@@ -67,10 +72,10 @@ public final class Centering {
             let rows = r.reshape([-1, k])
             switch kind {
             case .logit:
-                center = center * momentum + rows.mean(alongAxis: 0).to(center.dtype) * (1 - momentum)
+                center = center * momentum + Distributed.allReduceMean(rows.mean(alongAxis: 0)).to(center.dtype) * (1 - momentum)
             case .probability:
                 let q = (rows / temperature).softmax(alongAxis: -1)
-                center = center * momentum + q.mean(alongAxis: 0).to(center.dtype) * (1 - momentum)
+                center = center * momentum + Distributed.allReduceMean(q.mean(alongAxis: 0)).to(center.dtype) * (1 - momentum)
             case .sinkhornKnopp:
                 break
             }
@@ -79,14 +84,21 @@ public final class Centering {
 
     /// Sinkhorn–Knopp on logits ℓ [N, K]: Q = exp(ℓ − max), then `iterations` times
     /// normalize each prototype's mass to 1/K and each sample's to 1/N; returns rows that
-    /// sum to 1 (as DINOv2's `sinkhorn_knopp_teacher`).
+    /// sum to 1 (as DINOv2's `sinkhorn_knopp_teacher`). With several processes the rows are
+    /// the whole batch's, each process holding its shard: the total, each prototype's mass
+    /// and N are summed over all of them (as DINOv2's distributed version), the row
+    /// normalization is each process's own.
     public static func sinkhornKnopp(_ logits: Tensor, iterations: Int = 3) -> Tensor {
         withoutGradients {
-            let (n, k) = (logits.shape[0], logits.shape[1])
-            var q = (logits - logits.max()).exp()
-            q = q / q.sum()
+            let k = logits.shape[1]
+            let n = logits.shape[0] * Distributed.size
+            // The largest logit over all processes, subtracted for stability.
+            var shift = [logits.max().item()]
+            Distributed.allReduce(&shift, .max)
+            var q = (logits - shift[0]).exp()
+            q = q / Distributed.allReduceSum(q.sum())
             for _ in 0..<iterations {
-                q = q / q.sum(alongAxis: 0, keepingDims: true) / Double(k)
+                q = q / Distributed.allReduceSum(q.sum(alongAxis: 0, keepingDims: true)) / Double(k)
                 q = q / q.sum(alongAxis: 1, keepingDims: true) / Double(n)
             }
             return q * Double(n)

@@ -62,9 +62,17 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     public var augmentation = MultiCropAugmentation.smallImages
     /// Epochs (10 with the ResNet, about four minutes on 8,000 images and two cores; 20 with a ViT).
     public var epochs = 10
-    /// Images per step; each gives two global and `augmentation.localCrops` local views (64).
+    /// Images per step and per process; each gives two global and `augmentation.localCrops`
+    /// local views (64). With N processes (`mpirun -np N`) a step trains on N · batchSize
+    /// images, as DINO's `batch_size_per_gpu`.
     public var batchSize = 64
-    /// lr = baseLearningRate · batch/256 after the warmup, then cosine to ``minLearningRate``.
+    /// SyncBatchNorm when the run has several processes: every BatchNorm of the backbones
+    /// and heads normalizes with the statistics of the whole batch, so that N processes train
+    /// as one process with N times the batch (DINO converts its ResNets to SyncBatchNorm).
+    /// nil is on; false lets each process normalize its own shard (less communication, another
+    /// result). No effect with one process.
+    public var synchronizeBatchNorm: Bool?
+    /// lr = baseLearningRate · (N · batch)/256 after the warmup, then cosine to ``minLearningRate``.
     /// 1e-2 suits the ResNet (BatchNorm throughout); 2e-3 suits the ViTs. Too high makes the
     /// loss NaN or collapses the teacher.
     public var baseLearningRate = 1e-2

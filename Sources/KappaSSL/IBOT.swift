@@ -127,8 +127,15 @@ public final class IBOTObjective: SelfSupervisedObjective {
         precondition(views.allSatisfy { $0.shape == views[0].shape }, "IBOTObjective: global views of shapes \(views.map(\.shape))")
         let globals = Tensor.concat(views, alongAxis: 0)
         let grid = views[0].shape[2] / studentViT.configuration.patchSize
-        var g = RandomGenerator(seed: context.seed ^ (UInt64(context.step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07)
-        let masks = masking.masks(count: views.count * b, height: grid, width: grid, using: &g)
+        // Each image's mask in each view from (seed, step, view, its place in the whole batch):
+        // the same masks however the batch is split over processes, and on resume.
+        let masks = Tensor.concat((0..<views.count).flatMap { v in
+            (0..<b).map { j -> Tensor in
+                var g = RandomGenerator(seed: context.seed ^ (UInt64(context.step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07
+                                            ^ (UInt64(v) &* 0xC2B2_AE3D_27D4_EB4F) ^ (UInt64(context.firstSample + j) &* 0x1656_67B1_9E37_79F9))
+                return masking.masks(count: 1, height: grid, width: grid, using: &g)
+            }
+        }, alongAxis: 0)
         let t = withoutGradients { ibotHeads(networks.teacherHead, teacherViT(globals), views: views.count) }
         let s = ibotHeads(networks.studentHead, studentViT(globals, mask: masks), views: views.count)
         let locals = batch.localViews.isEmpty ? [] : networks.studentLogits(batch.localViews)

@@ -140,10 +140,16 @@ public struct StepContext: Sendable {
     /// The run's seed: an objective that draws random numbers (iBOT's masks) derives them
     /// from it and ``step``, so that a resumed run draws the same ones.
     public let seed: UInt64
+    /// Where this process's images start in the step's whole batch (rank × batch size when
+    /// ``Distributed/world`` has several processes, else 0): random numbers drawn per image
+    /// should be keyed by `firstSample + i`, so that a run split over processes draws the
+    /// same ones as a single process.
+    public let firstSample: Int
 
     /// A position in a run.
-    public init(epoch: Int, step: Int, epochs: Int, iterationsPerEpoch: Int, seed: UInt64) {
-        (self.epoch, self.step, self.epochs, self.iterationsPerEpoch, self.seed) = (epoch, step, epochs, iterationsPerEpoch, seed)
+    public init(epoch: Int, step: Int, epochs: Int, iterationsPerEpoch: Int, seed: UInt64, firstSample: Int = 0) {
+        (self.epoch, self.step, self.epochs, self.iterationsPerEpoch, self.seed, self.firstSample) =
+            (epoch, step, epochs, iterationsPerEpoch, seed, firstSample)
     }
 }
 

@@ -14,6 +14,9 @@ public enum RunCheckpoint {
     /// The objective's description when it has one (it should name its own settings), else its type.
     /// The metadata key of the training data's identity.
     static let dataKey = "data"
+    /// The metadata key of the number of processes that wrote the run (absent: 1). The
+    /// configuration's batch size is per process; the run is defined by the whole batch.
+    static let processesKey = "processes"
 
     /// What a trainer trains on: its source and the number of images.
     static func dataIdentity(_ d: ImageDataset?) -> String? {
@@ -33,7 +36,8 @@ public enum RunCheckpoint {
                                     extra: trainer.objective.state,
                                     state: TrainingState(step: trainer.step, epoch: trainer.epoch, generator: trainer.generator,
                                                          configuration: [configurationKey: config,
-                                                                         objectiveKey: objectiveName(trainer.objective)]
+                                                                         objectiveKey: objectiveName(trainer.objective),
+                                                         processesKey: String(trainer.processes)]
                                                              .merging(dataIdentity(trainer.train).map { [dataKey: $0] } ?? [:]) { a, _ in a }))
     }
 
@@ -43,12 +47,16 @@ public enum RunCheckpoint {
     /// the trainer is only changed when everything fits.
     /// With `allowingLongerRun` the trainer's configuration may differ in its epochs, if it
     /// has more (a run extended past its end: the schedules become the longer run's).
+    /// A run written by N processes resumes with any other number M whose batch size per
+    /// process makes the same whole batch (N · B = M · B′): the batch size is compared as that
+    /// product.
     public static func restore(_ trainer: TeacherStudentTrainer, from url: URL, checkingData: Bool = true,
                                allowingLongerRun: Bool = false) throws {
         // One read and one decoding of the metadata for every check; nothing is loaded before they pass.
         let (tensors, meta) = try SafeTensors.read(url)
-        let (stored, saved) = try storedConfiguration(meta, url)
+        var (stored, saved) = try storedConfiguration(meta, url)
         let mine = trainer.configuration
+        if saved.batchSize * processes(stored) == mine.batchSize * trainer.processes { saved.batchSize = mine.batchSize }
         if saved != mine {
             var lengthened = saved
             lengthened.epochs = mine.epochs
@@ -80,9 +88,23 @@ public enum RunCheckpoint {
         (trainer.step, trainer.epoch, trainer.generator) = (state.step, state.epoch, state.generator)
     }
 
-    /// Reads the configuration stored in a checkpoint written by ``save(_:to:)``.
-    public static func configuration(in url: URL) throws -> DINOConfiguration {
-        try storedConfiguration(try SafeTensors.read(url).metadata, url).configuration
+    /// Reads the configuration stored in a checkpoint written by ``save(_:to:)``, with the
+    /// batch size per process that makes the run's whole batch with `processes` processes
+    /// (by default ``Distributed/size``); throws when the whole batch does not divide.
+    public static func configuration(in url: URL, processes: Int = Distributed.size) throws -> DINOConfiguration {
+        let (state, c) = try storedConfiguration(try SafeTensors.read(url).metadata, url)
+        var config = c
+        let whole = c.batchSize * Self.processes(state)
+        guard whole % processes == 0 else {
+            throw CheckpointError(path: url.path, problem: "the run's batch of \(whole) images does not split over \(processes) processes")
+        }
+        config.batchSize = whole / processes
+        return config
+    }
+
+    /// The number of processes that wrote a checkpoint.
+    static func processes(_ state: TrainingState) -> Int {
+        state.configuration[processesKey].flatMap { Int($0) }.map { Swift.max(1, $0) } ?? 1
     }
 
     /// The training state and the configuration in a checkpoint's metadata.

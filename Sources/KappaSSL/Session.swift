@@ -5,6 +5,11 @@ import KappaNN
 /// A whole training run with its outputs: progress on the terminal (plain log lines when
 /// not a terminal), `metrics.jsonl`, SVG plots, `checkpoint.safetensors` after every epoch
 /// and when stopped, evaluation every `evaluateEvery` epochs and at the end.
+///
+/// With several processes (``Distributed/world``) every process runs the session (training
+/// and evaluation are collective) and only rank 0 prints and writes files; each process reads
+/// the checkpoint it resumes from, so the output folder must be visible to all of them (a
+/// shared filesystem, or the same path on one machine).
 public final class TrainingSession {
     /// The run.
     public let trainer: TeacherStudentTrainer
@@ -54,7 +59,8 @@ public final class TrainingSession {
     /// Trains to the end (or to Ctrl-C), resuming from the output folder's checkpoint when `resume`.
     public func run(resume: Bool = false) throws -> Outcome {
         guard evaluateEvery >= 1 else { throw TrainerError("evaluateEvery must be at least 1, not \(evaluateEvery)") }
-        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        let main = Distributed.isMain
+        if main { try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true) }
         if resume {
             guard FileManager.default.fileExists(atPath: checkpointURL.path) else {
                 throw CheckpointError(path: checkpointURL.path, problem: "no checkpoint to resume from")
@@ -62,10 +68,10 @@ public final class TrainingSession {
             try RunCheckpoint.restore(trainer, from: checkpointURL, allowingLongerRun: allowsLongerRun)
             log("resumed at epoch \(trainer.epoch), step \(trainer.step)")
         }
-        let metrics = try MetricsLog(path: output + "/metrics.jsonl",
-                                     resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil)
-        tensorBoard = try TensorBoardLog(folder: output)
-        var resumedMeans = restore(from: metrics.keptRecords)
+        let metrics = main ? try MetricsLog(path: output + "/metrics.jsonl",
+                                            resumingAt: resume ? (step: trainer.step, epoch: trainer.epoch) : nil) : nil
+        tensorBoard = main ? try TensorBoardLog(folder: output) : nil
+        var resumedMeans = restore(from: metrics?.keptRecords ?? [])
         if resume && trainer.isFinished {
             log("the run in \(output) has finished its \(trainer.configuration.epochs) epochs: nothing to resume (--extend with a larger --epochs continues it)")
             return Outcome(report: evaluations.last, interrupted: false, diverged: false, seconds: 0)
@@ -73,14 +79,14 @@ public final class TrainingSession {
         let start = Date()
         let c = trainer.configuration
         let total = trainer.totalSteps
-        let terminal = isatty(STDOUT_FILENO) != 0
+        let terminal = main && isatty(STDOUT_FILENO) != 0
         var diverged = false, interrupted = false
         var stepStart = Date(), stepsTimed = 0
         while !trainer.isFinished {
             var epochMeans = resumedMeans
             resumedMeans = EpochMeans()
             let completed = trainer.trainEpoch(onStep: { s in
-                metrics.write("step", s)
+                metrics?.write("step", s)
                 tensorBoard?.scalars([("train/loss", s.loss), ("train/learningRate", s.learningRate), ("train/weightDecay", s.weightDecay),
                                       ("train/teacherMomentum", s.teacherMomentum)] + (s.terms + s.monitors).map { ("train/" + $0.key, $0.value) },
                                      step: s.step)
@@ -98,7 +104,7 @@ public final class TrainingSession {
                 if terminal {
                     print("\r" + line, terminator: "")
                     fflush(stdout)
-                } else if s.step % 50 == 0 {
+                } else if main && s.step % 50 == 0 {
                     print(line)
                     fflush(stdout)
                 }
@@ -111,17 +117,17 @@ public final class TrainingSession {
             if !completed {
                 interrupted = true
                 log("interrupted at epoch \(trainer.epoch), step \(trainer.step): saving \(checkpointURL.path)")
-                try RunCheckpoint.save(trainer, to: checkpointURL)
+                if main { try RunCheckpoint.save(trainer, to: checkpointURL) }
                 break
             }
             let epochRecord = epochMeans.record(epoch: trainer.epoch)
-            metrics.write("epoch", epochRecord)
+            metrics?.write("epoch", epochRecord)
             writeEpoch(epochRecord)
             if trainer.epoch % evaluateEvery == 0 || trainer.isFinished {
                 let evaluationStart = Date()
                 let report = evaluator.evaluate(trainer, linearProbe: linearProbe && trainer.isFinished)
                 evaluations.append(report)
-                metrics.write("evaluation", report)
+                metrics?.write("evaluation", report)
                 writeEvaluation(report)
                 log(String(format: "epoch %d: kNN %.2f%% (raw pixels %.2f%%, random init %.2f%%), utilization %d/%d  [evaluation %.1f s]",
                            report.epoch, 100 * report.knn, 100 * report.knnRawPixels, 100 * report.knnRandomInit,
@@ -129,15 +135,19 @@ public final class TrainingSession {
             }
             // Saved after the epoch's records: a run killed before this line redoes the epoch and
             // its records (a resume drops records past the checkpoint), one killed after it has them.
-            try RunCheckpoint.save(trainer, to: checkpointURL)
+            if main { try RunCheckpoint.save(trainer, to: checkpointURL) }
             stepStart = Date(); stepsTimed = 0
-            try writePlots()
+            if main { try writePlots() }
         }
-        try writePlots()
+        if main { try writePlots() }
         return Outcome(report: evaluations.last, interrupted: interrupted, diverged: diverged, seconds: Date().timeIntervalSince(start))
     }
 
-    func log(_ s: String) { print(s); fflush(stdout) }
+    /// A line on rank 0's standard output.
+    func log(_ s: String) {
+        guard Distributed.isMain else { return }
+        print(s); fflush(stdout)
+    }
 
     /// The run's TensorBoard event file (rewritten from the kept log on resume).
     var tensorBoard: TensorBoardLog?

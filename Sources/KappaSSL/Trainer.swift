@@ -48,6 +48,14 @@ public struct StepLog: Encodable, Sendable {
 ///    in the first epochs, and steps AdamW;
 /// 4. moves the teacher towards the student (EMA, momentum on a cosine schedule).
 ///
+/// With several processes (``Distributed/world``, `mpirun -np N`) it trains data-parallel,
+/// as PyTorch's DistributedDataParallel: rank 0's initial weights are broadcast, each process
+/// takes its shard of every global batch of N · `batchSize` images, gradients are averaged
+/// over the processes (in buckets, after backward) before clipping, BatchNorm is synchronized
+/// (``DINOConfiguration/synchronizeBatchNorm``), the logged loss and monitors are the means
+/// over the processes, and they agree on when to stop. The result equals one process's with
+/// batch N · `batchSize` up to the order of floating-point sums.
+///
 /// Checkpoints (``RunCheckpoint``) save the networks, the optimizer, the objective's
 /// ``SelfSupervisedObjective/state`` and the position; a resumed run ends bit-identical to an
 /// uninterrupted one. Evaluation is ``Evaluator``'s; a whole run with its outputs is
@@ -69,6 +77,10 @@ public final class TeacherStudentTrainer {
     public internal(set) var generator: RandomGenerator
     /// Steps per epoch.
     public let iterationsPerEpoch: Int
+    /// The processes training together (``Distributed/size`` when the trainer was made).
+    public let processes: Int
+    /// Images per step over all processes: ``processes`` × the configuration's batch size.
+    public var globalBatchSize: Int { configuration.batchSize * processes }
     let lrSchedule: [Double], wdSchedule: [Double], momentumSchedule: [Double]
 
     /// The student backbone.
@@ -84,11 +96,13 @@ public final class TeacherStudentTrainer {
     /// on `train`. Throws ``TrainerError`` when the data or the networks cannot serve.
     public convenience init(configuration c: DINOConfiguration, objective: SelfSupervisedObjective? = nil,
                             train: ImageDataset) throws {
-        guard train.count >= c.batchSize else {
-            throw TrainerError("\(train.source): \(train.count) training images, fewer than a batch of \(c.batchSize)")
+        let global = c.batchSize * Distributed.size
+        guard train.count >= global else {
+            throw TrainerError("\(train.source): \(train.count) training images, fewer than a batch of \(global)"
+                               + (Distributed.size > 1 ? " (\(Distributed.size) processes × \(c.batchSize))" : ""))
         }
         try c.check(train)
-        try self.init(configuration: c, objective: objective, iterationsPerEpoch: train.count / c.batchSize, train: train)
+        try self.init(configuration: c, objective: objective, iterationsPerEpoch: train.count / global, train: train)
     }
 
     /// A trainer whose schedules assume `iterationsPerEpoch` steps per epoch, driven with
@@ -101,6 +115,7 @@ public final class TeacherStudentTrainer {
         configuration = c
         self.train = train
         self.iterationsPerEpoch = iterationsPerEpoch
+        processes = Distributed.size
         var g = RandomGenerator(seed: c.seed)
         let student = c.backbone.make(using: &g)
         let studentHead = DINOHead(inFeatures: student.featureCount, prototypes: c.prototypes, layers: c.headLayers, hidden: c.headHidden,
@@ -114,7 +129,16 @@ public final class TeacherStudentTrainer {
         networks = TeacherStudentNetworks(student: student, studentHead: studentHead, teacher: teacher, teacherHead: teacherHead)
         self.objective = objective ?? c.makeObjective()
         do { try self.objective.check(networks) } catch { throw TrainerError("\(error)") }
-        let lr = c.baseLearningRate * Double(c.batchSize) / 256
+        if processes > 1 {
+            // Every process starts from rank 0's weights (they agree already: same seed).
+            Distributed.broadcast(student.stateDict().map(\.tensor) + studentHead.stateDict().map(\.tensor)
+                                  + teacher.stateDict().map(\.tensor) + teacherHead.stateDict().map(\.tensor)
+                                  + (self.objective.module?.stateDict().map(\.tensor) ?? []))
+            let sync = c.synchronizeBatchNorm ?? true
+            for m in [student, studentHead, teacher, teacherHead] as [Module] { m.synchronizeBatchNorm(sync) }
+            self.objective.module?.synchronizeBatchNorm(sync)
+        }
+        let lr = c.baseLearningRate * Double(c.batchSize * processes) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
                                                       decayPrototypeScale: c.decayPrototypeScale, prefix: "head.")
@@ -143,14 +167,30 @@ public final class TeacherStudentTrainer {
         let c = configuration
         let it = Swift.min(step, lrSchedule.count - 1)
         optimizer.setSchedule(learningRate: lrSchedule[it], weightDecay: wdSchedule[it])
-        let context = StepContext(epoch: epoch, step: step, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch, seed: c.seed)
+        let context = StepContext(epoch: epoch, step: step, epochs: c.epochs, iterationsPerEpoch: iterationsPerEpoch, seed: c.seed,
+                                  firstSample: Distributed.rank * batch.views[0].shape[0])
         let out = objective(batch, networks: networks, context: context)
-        let value = out.loss.item()
+        var value = out.loss.item()
+        var (terms, monitors) = (out.terms, out.monitors)
+        if processes > 1 {
+            // The means over the processes: what one process with the whole batch would log,
+            // and one decision on a non-finite loss for all.
+            var values = [value] + terms.map(\.value) + monitors.map(\.value)
+            Distributed.allReduce(&values)
+            let mean = values.map { $0 / Double(processes) }
+            value = mean[0]
+            terms = zip(terms, mean[1...]).map { LoggedScalar($0.key, label: $0.label, $1, format: $0.format) }
+            monitors = zip(monitors, mean[(1 + terms.count)...]).map { LoggedScalar($0.key, label: $0.label, $1, format: $0.format) }
+        }
         let log = StepLog(epoch: epoch, step: step, loss: value, learningRate: lrSchedule[it], weightDecay: wdSchedule[it],
-                          teacherMomentum: momentumSchedule[it], terms: out.terms, monitors: out.monitors)
+                          teacherMomentum: momentumSchedule[it], terms: terms, monitors: monitors)
         guard value.isFinite else { return log }
         optimizer.zeroGrad()
         out.loss.backward()
+        if processes > 1 {
+            Distributed.averageGradients(of: networks.student.parameters + networks.studentHead.parameters
+                                         + (objective.module?.parameters ?? []))
+        }
         Gradients.clipPerParameter(networks.student, maxNorm: c.clipGradient)
         Gradients.clipPerParameter(networks.studentHead, maxNorm: c.clipGradient)
         if let module = objective.module { Gradients.clipPerParameter(module, maxNorm: c.clipGradient) }
@@ -171,14 +211,17 @@ public final class TeacherStudentTrainer {
         guard let train else { preconditionFailure("trainEpoch: this trainer was made without training images") }
         guard !isFinished else { return true }
         let c = configuration
-        let loader = MultiCropLoader(dataset: train, augmentation: c.augmentation, batchSize: c.batchSize, seed: c.seed, epoch: epoch)
+        let loader = MultiCropLoader(dataset: train, augmentation: c.augmentation, batchSize: c.batchSize, seed: c.seed, epoch: epoch,
+                                     shard: (Distributed.rank, processes))
         defer { loader.stop() }
         // A resumed run skips the batches this epoch already trained on.
         let done = step - epoch * iterationsPerEpoch
         for _ in 0..<done { _ = loader.next() }
         networks.student.train(); networks.studentHead.train(); objective.module?.train()
         while let batch = loader.next() {
-            if shouldStop() { return false }
+            var stop = [shouldStop() ? 1.0 : 0]
+            if processes > 1 { Distributed.allReduce(&stop, .max) }   // one process's Ctrl-C stops all
+            if stop[0] > 0 { return false }
             let log = step(ObjectiveBatch(views: batch.views, globalCount: 2, labels: batch.labels))
             onStep(log)
             if !log.loss.isFinite { return false }

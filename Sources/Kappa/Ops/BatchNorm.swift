@@ -10,6 +10,11 @@ import CKappaKernels
 //     training:  dx = γr·(g − dβ/M − x̂·dγ/M)     (μ and σ² depend on x)
 //     eval:      dx = γr·g                         (running statistics are constants)
 // With `applyingReLU` the op returns max(y, 0) and g is taken as 0 where the output is 0.
+// With `synchronizing` (SyncBatchNorm) the batch is split over processes: the statistics
+// combine each process's count, mean and biased variance exactly (Chan et al.'s pairwise
+// formula, two sums), M becomes the total count, and backward sums dβ and dγ over all
+// processes for the input gradient, which is then that of the whole batch (dγ and dβ stay
+// this process's: data-parallel training averages parameter gradients afterwards).
 
 extension Tensor {
     /// Batch normalization of [N, C, *] over every axis but the channel axis 1, as PyTorch's
@@ -18,8 +23,16 @@ extension Tensor {
     /// (the unbiased variance, as PyTorch); otherwise the running statistics normalize.
     /// `weight` (γ) and `bias` (β) have shape [C] or are `nil`. With `applyingReLU` the result
     /// is max(·, 0), fused into the same passes (a ResNet's BN–ReLU).
+    ///
+    /// `synchronizing` makes it PyTorch's `SyncBatchNorm` when the batch is split over
+    /// several processes: a function that sums a buffer of doubles elementwise over all of
+    /// them (an allreduce), called twice in forward and once in backward, in the same order in
+    /// every process. The statistics, the running statistics' update and the gradients are
+    /// then those of the whole batch (γ's and β's gradients stay this process's part, to be
+    /// averaged over processes with the other parameters'). Ignored in evaluation.
     public func batchNorm(weight: Tensor?, bias: Tensor?, runningMean: Tensor?, runningVariance: Tensor?,
-                          training: Bool, momentum: Double = 0.1, eps: Double = 1e-5, applyingReLU: Bool = false) -> Tensor {
+                          training: Bool, momentum: Double = 0.1, eps: Double = 1e-5, applyingReLU: Bool = false,
+                          synchronizing: ((UnsafeMutableBufferPointer<Double>) -> Void)? = nil) -> Tensor {
         precondition(rank >= 2, "batchNorm: input \(shape) has no channel axis 1")
         let (n, c) = (shape[0], shape[1])
         let l = n * c == 0 ? 0 : count / (n * c)
@@ -36,6 +49,9 @@ extension Tensor {
         if let weight { inputs.append(weight) }
         if let bias { inputs.append(bias) }
         let (hasWeight, hasBias) = (weight != nil, bias != nil)
+        let sync = training ? synchronizing : nil
+        // The number of values per channel over every process (set in forward when synchronized).
+        var total = Double(n * l)
         // Residuals: x, the statistics [5, C], γ, and with ReLU the output (its zeros mask g).
         return Tensor.custom(applyingReLU ? "batchNormReLU" : "batchNorm", inputs, forward: { t in
             let x = t[0].contiguousData()
@@ -46,12 +62,14 @@ extension Tensor {
             let rm = runningMean?.contiguousData(), rv = runningVariance?.contiguousData()
             switch x.dtype {
             case .float32:
-                batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Float.self)
+                total = batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, sync: sync,
+                                         n, c, l, Float.self)
             case .float64:
-                batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, n, c, l, Double.self)
+                total = batchNormForward(x, out, stats, w, b, rm, rv, training: training, eps: eps, relu: applyingReLU, sync: sync,
+                                         n, c, l, Double.self)
             }
             if training, let runningMean, let runningVariance {
-                let m = Double(n * l)
+                let m = total
                 runningMean.assign(runningMean * (1 - momentum) + stats[0] * momentum)
                 runningVariance.assign(runningVariance * (1 - momentum) + stats[1] * (momentum * m / Swift.max(m - 1, 1)))
             }
@@ -63,8 +81,8 @@ extension Tensor {
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype)
             let gw = Tensor(uninitialized: [c], dtype: x.dtype), gb = Tensor(uninitialized: [c], dtype: x.dtype)
             switch x.dtype {
-            case .float32: batchNormBackward(x, gc, y, gx, gw, gb, stats, w, training: training, n, c, l, Float.self)
-            case .float64: batchNormBackward(x, gc, y, gx, gw, gb, stats, w, training: training, n, c, l, Double.self)
+            case .float32: batchNormBackward(x, gc, y, gx, gw, gb, stats, w, training: training, sync: sync, total: total, n, c, l, Float.self)
+            case .float64: batchNormBackward(x, gc, y, gx, gw, gb, stats, w, training: training, sync: sync, total: total, n, c, l, Double.self)
             }
             var grads: [Tensor?] = [gx]
             if hasWeight { grads.append(gw) }
@@ -79,9 +97,12 @@ private func forEachChannelRange(_ c: Int, work: Int, _ body: (Int, Int) -> Void
     Parallel.forEach(c, costPerItem: Swift.max(1, work / Swift.max(c, 1))) { r in body(r.lowerBound, r.upperBound) }
 }
 
+/// Returns the number of values per channel the statistics are over (all processes' when synchronized).
 private func batchNormForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ stats: Tensor, _ w: Tensor?, _ b: Tensor?,
                                                _ rm: Tensor?, _ rv: Tensor?, training: Bool, eps: Double, relu: Bool,
-                                               _ n: Int, _ c: Int, _ l: Int, _: T.Type) {
+                                               sync: ((UnsafeMutableBufferPointer<Double>) -> Void)?,
+                                               _ n: Int, _ c: Int, _ l: Int, _: T.Type) -> Double {
+    var total = Double(n * l)
     let px = x.pointer(T.self), po = out.pointer(T.self), ps = stats.pointer(T.self)
     let mean = ps, variance = ps + c, invstd = ps + 2 * c, scale = ps + 3 * c, shift = ps + 4 * c
     if training {
@@ -90,6 +111,33 @@ private func batchNormForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ sta
                 kappa_bn_stats_f32(f32(px), n, c, l, c0, c1, eps, f32(mean), f32(variance), f32(invstd))
             } else {
                 kappa_bn_stats_f64(f64(px), n, c, l, c0, c1, eps, f64(mean), f64(variance), f64(invstd))
+            }
+        }
+        if let sync {
+            // Chan et al.: with local counts m_r, means μ_r and biased variances v_r, the whole
+            // batch has M = Σ m_r, μ = Σ m_r μ_r / M and v = Σ m_r (v_r + (μ_r − μ)²) / M.
+            let m = Double(n * l)
+            var buffer = [Double](repeating: 0, count: c + 1)
+            buffer.withUnsafeMutableBufferPointer { p in
+                p[0] = m
+                for ch in 0..<c { p[ch + 1] = m * Double(mean[ch]) }
+                sync(p)
+                total = p[0]
+                for ch in 0..<c { p[ch + 1] /= total }
+            }
+            var spread = [Double](repeating: 0, count: c)
+            spread.withUnsafeMutableBufferPointer { p in
+                for ch in 0..<c {
+                    let d = Double(mean[ch]) - buffer[ch + 1]
+                    p[ch] = m * (Double(variance[ch]) + d * d)
+                }
+                sync(p)
+                for ch in 0..<c {
+                    let v = p[ch] / total
+                    mean[ch] = T(buffer[ch + 1])
+                    variance[ch] = T(v)
+                    invstd[ch] = T(1 / (v + eps).squareRoot())
+                }
             }
         }
     } else {
@@ -112,10 +160,12 @@ private func batchNormForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ sta
             kappa_bn_apply_f64(f64(px), f64(po), n, c, l, c0, c1, f64(scale), f64(shift), relu ? 1 : 0)
         }
     }
+    return total
 }
 
 private func batchNormBackward<T: TensorScalar>(_ x: Tensor, _ g: Tensor, _ y: Tensor?, _ gx: Tensor, _ gw: Tensor, _ gb: Tensor,
                                                 _ stats: Tensor, _ w: Tensor?, training: Bool,
+                                                sync: ((UnsafeMutableBufferPointer<Double>) -> Void)?, total: Double,
                                                 _ n: Int, _ c: Int, _ l: Int, _: T.Type) {
     let px = x.pointer(T.self), pg = g.pointer(T.self), py = y?.pointer(T.self), pgx = gx.pointer(T.self)
     let ps = stats.pointer(T.self), mean = ps, invstd = ps + 2 * c
@@ -133,18 +183,27 @@ private func batchNormBackward<T: TensorScalar>(_ x: Tensor, _ g: Tensor, _ y: T
             }
         }
     }
+    // dγ and dβ are this process's (the trainer averages parameter gradients over processes);
+    // the input gradient needs the sums over the whole batch: both in one allreduce.
+    var (allG, allGX) = (sumG, sumGX)
+    if let sync {
+        var both = sumG + sumGX
+        both.withUnsafeMutableBufferPointer { sync($0) }
+        allG = Array(both[0..<c])
+        allGX = Array(both[c...])
+    }
     // gx = a·g + b·(x − μ) + d per channel.
     let coefficients = Tensor(uninitialized: [3, c], dtype: x.dtype)
     let pc = coefficients.pointer(T.self), a = pc, bcoef = pc + c, d = pc + 2 * c
     let pgw = gw.pointer(T.self), pgb = gb.pointer(T.self)
-    let m = Double(n * l)
+    let m = total
     for ch in 0..<c {
         let r = Double(invstd[ch]), gamma = Double(pw?[ch] ?? 1)
         pgb[ch] = T(sumG[ch])
         pgw[ch] = T(sumGX[ch] * r)
         a[ch] = T(gamma * r)
-        bcoef[ch] = training ? T(-gamma * r * r * r * sumGX[ch] / m) : 0
-        d[ch] = training ? T(-gamma * r * sumG[ch] / m) : 0
+        bcoef[ch] = training ? T(-gamma * r * r * r * allGX[ch] / m) : 0
+        d[ch] = training ? T(-gamma * r * allG[ch] / m) : 0
     }
     forEachChannelRange(c, work: n * l * c) { c0, c1 in
         if T.self == Float.self {
