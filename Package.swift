@@ -72,7 +72,7 @@ let package = Package(
         .testTarget(name: "KappaTests", dependencies: ["Kappa", .product(name: "PropertyBased", package: "swift-property-based")],
                     exclude: ["torch_reference.json"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),
-        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaFuzzing", "KappaCommands"]),
+        .testTarget(name: "KappaSSLTests", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaMPI", "KappaFuzzing", "KappaCommands"]),
     ],
     swiftLanguageModes: [.v5]
 )
