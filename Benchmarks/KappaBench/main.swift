@@ -13,6 +13,8 @@ import KappaSSL
 
 // The same BLAS kernels as the programs it measures (DINOvMF re-runs itself with them too).
 HostSetup.useFastestBLASKernels()
+// Under mpirun (the allreduce section), one process per rank; rank 0 prints.
+HostSetup.joinProcesses()
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
@@ -46,7 +48,7 @@ var rng = RandomGenerator(seed: 1)
 if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory, and allreduce (under mpirun)\n")
 
 if wants("matmul") {
 
@@ -189,6 +191,35 @@ if wants("step") || sections.contains(where: { $0.hasPrefix("ref-") }) {
         }
         print(String(format: "  %@ (%d student parameters): %.1f ms per step, %.0f images/s, peak resident %.0f MB", w.name,
                      step.parameterCount, t * 1e3, Double(w.batch) / t, Double(ProcessMemory.peakResidentBytes) / 1_048_576))
+    }
+}
+
+if sections.contains("allreduce") {
+    // The gradient allreduce of data-parallel training (Distributed.averageGradients, what the
+    // trainer calls after backward) on the student of DINO's ViT-S/16 and ViT-B/16 at 224 px
+    // with DINO's head (hidden 2048, bottleneck 256, 65,536 prototypes): timed over the ranks
+    // of this mpirun, and estimated for a network with a ring allreduce, which sends and
+    // receives 2(N − 1)/N times the gradients' bytes per rank and step.
+    let n = Distributed.size
+    print("Gradient allreduce (Distributed.averageGradients), \(n) process\(n == 1 ? "" : "es") on this machine; ring estimates for N = 8 ranks")
+    if n == 1 { print("  (run under mpirun -np 2 to time the allreduce here; the estimates below need no MPI)") }
+    for (name, width, depth, heads) in [("ViT-S/16", 384, 12, 6), ("ViT-B/16", 768, 12, 12)] {
+        var g = RandomGenerator(seed: 4)
+        let vit = VisionTransformer(ViTConfiguration(imageSize: 224, patchSize: 16, channels: 3, width: width, depth: depth, heads: heads), using: &g)
+        let head = DINOHead(inFeatures: width, prototypes: 65536, hidden: 2048, bottleneck: 256, normLastLayer: false, using: &g)
+        let parameters = vit.parameters + head.parameters
+        let count = parameters.reduce(0) { $0 + $1.count }
+        let bytes = Double(count * 4)
+        var measured = ""
+        if n > 1 {
+            for p in parameters { p.grad = Tensor.full(p.shape, 1, dtype: p.dtype) }
+            let t = time(reps: 5) { Distributed.averageGradients(of: parameters) }
+            record("\(name) gradient allreduce, \(n) ranks", t)
+            measured = String(format: "; measured here: %.0f ms per step (%.1f GB/s of gradients)", t * 1e3, bytes / t / 1e9)
+        }
+        let ring = 2 * 7.0 / 8 * bytes
+        print(String(format: "  %@ + DINO head: %.1f M parameters, %.0f MB of Float32 gradients%@", name, Double(count) / 1e6, bytes / 1e6, measured))
+        print(String(format: "    ring allreduce per step: %.0f ms at 10 Gb/s, %.0f ms at 100 Gb/s", ring / (10e9 / 8) * 1e3, ring / (100e9 / 8) * 1e3))
     }
 }
 

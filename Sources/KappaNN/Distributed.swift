@@ -154,43 +154,41 @@ public enum Distributed {
     public static func averageGradients(of parameters: [Tensor], bucketBytes: Int = 4 << 20) {
         guard size > 1 else { return }
         let withGrad = parameters.filter { $0.grad != nil }
-        func average<T: TensorScalar>(_ group: [Tensor], _: T.Type) {
+        // A gradient is averaged in place when it is a contiguous leaf of the parameter's type
+        // (what backward leaves), else replaced by a new tensor.
+        for p in withGrad where !p.grad!.isLeaf || !p.grad!.isContiguous || p.grad!.dtype != p.dtype {
+            p.grad = withoutGradients { p.grad!.to(p.dtype).contiguous().copied() }
+        }
+        func average<T: TensorScalar>(_ group: [Tensor], _: T.Type, _ reduce: (UnsafeMutableBufferPointer<T>) throws -> Void) {
             let perBucket = Swift.max(1, bucketBytes / MemoryLayout<T>.stride)
+            let flat = UnsafeMutableBufferPointer<T>.allocate(capacity: perBucket)   // a larger gradient gets a bucket of its own
+            defer { flat.deallocate() }
+            let scale = 1 / T(size)
             var start = 0
             while start < group.count {
                 var end = start, count = 0
                 while end < group.count && (count == 0 || count + group[end].count <= perBucket) { count += group[end].count; end += 1 }
-                var flat = [T](repeating: 0, count: count)
+                let bucket = count <= flat.count ? UnsafeMutableBufferPointer(rebasing: flat[0..<count])
+                                                 : UnsafeMutableBufferPointer<T>.allocate(capacity: count)
+                defer { if count > flat.count { bucket.deallocate() } }
                 var offset = 0
                 for p in group[start..<end] {
-                    p.grad!.withScalars(as: T.self) { g in
-                        flat.withUnsafeMutableBufferPointer { f in
-                            (f.baseAddress! + offset).update(from: g.baseAddress!, count: g.count)
-                        }
-                    }
+                    p.grad!.withScalars(as: T.self) { g in (bucket.baseAddress! + offset).update(from: g.baseAddress!, count: g.count) }
                     offset += p.count
                 }
-                flat.withUnsafeMutableBufferPointer { f in
-                    must {
-                        if T.self == Float.self {
-                            try world.allReduce(UnsafeMutableRawBufferPointer(f).bindMemory(to: Float.self), .sum)
-                        } else {
-                            try world.allReduce(UnsafeMutableRawBufferPointer(f).bindMemory(to: Double.self), .sum)
-                        }
-                    }
-                }
-                let scale = 1 / T(size)
+                must { try reduce(bucket) }
                 offset = 0
                 for p in group[start..<end] {
-                    let values = Array(flat[offset..<(offset + p.count)]).map { $0 * scale }
-                    p.grad = Tensor(values, shape: p.shape)
+                    p.grad!.withMutableScalars(as: T.self) { g in
+                        for i in 0..<g.count { g[i] = bucket[offset + i] * scale }
+                    }
                     offset += p.count
                 }
                 start = end
             }
         }
-        average(withGrad.filter { $0.dtype == .float32 }, Float.self)
-        average(withGrad.filter { $0.dtype == .float64 }, Double.self)
+        average(withGrad.filter { $0.dtype == .float32 }, Float.self) { try world.allReduce($0, .sum) }
+        average(withGrad.filter { $0.dtype == .float64 }, Double.self) { try world.allReduce($0, .sum) }
     }
 }
 
