@@ -13,7 +13,7 @@ public struct MPIError: Error, CustomStringConvertible, Equatable {
     public var description: String { "\(call) failed: \(message) (MPI error \(code))" }
 }
 
-/// The processes started by `mpirun` (MPI_COMM_WORLD) as a ``Communicator``: the collectives
+/// The processes started by `mpirun` (MPI_COMM_WORLD) as a `Communicator`: the collectives
 /// of data-parallel training over an existing MPI (Open MPI on Debian, through pkg-config
 /// `ompi-c`), never a transport of Kappa's own. Only the main thread calls MPI.
 ///

@@ -92,7 +92,7 @@ public enum Distributed {
         values.withUnsafeMutableBufferPointer { p in must { try world.allReduce(p, operation) } }
     }
 
-    /// Adds `values` elementwise over all processes, in place (for ``Tensor/batchNorm`` and
+    /// Adds `values` elementwise over all processes, in place (for `Tensor.batchNorm` and
     /// other kernels that take a synchronizing function).
     public static func sum(_ values: UnsafeMutableBufferPointer<Double>) {
         guard size > 1 else { return }

@@ -15,7 +15,7 @@ import KappaNN
 ///
 /// The center is part of the training state: save ``center`` with checkpoints.
 ///
-/// With several processes (``Distributed/world``, each holding an equal shard of the batch)
+/// With several processes (`Distributed.world`, each holding an equal shard of the batch)
 /// the batch statistics are those of the whole batch, as DINO's `update_center` (an
 /// allreduce) and DINOv2's distributed Sinkhorn–Knopp: every process keeps the same center.
 public final class Centering {

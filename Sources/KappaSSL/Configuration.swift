@@ -187,7 +187,7 @@ public enum BackbonePreset: String, Codable, Sendable, CaseIterable {
     /// ViT-Small: 384 wide, 12 deep, 6 heads.
     case vitSmall = "vit-small"
     /// ViT-micro's transformer on 4-pixel tokens from a convolutional stem
-    /// (``ViTConfiguration/convMicro(imageSize:channels:)``; images of a multiple of 4 pixels).
+    /// (`ViTConfiguration.convMicro(imageSize:channels:)`; images of a multiple of 4 pixels).
     case vitConv = "vit-conv"
 }
 

@@ -129,7 +129,7 @@ public struct EvaluationReport: Codable, Sendable {
     /// Linear-probe accuracy, when it was run.
     public var linearProbe: Double?
     /// ``Evaluation/features(of:batchSize:normalize:_:)`` computed in shards over the processes
-    /// of ``Distributed/world`` (each embeds about 1/N of the images, then all gather them);
+    /// of `Distributed.world` (each embeds about 1/N of the images, then all gather them);
     /// every process gets all the features, so the classifiers after it give every process the
     /// same numbers. The same as unsharded with one process.
     static func features(of dataset: ImageDataset, normalize: (mean: Double, std: Double), _ encode: (Tensor) -> Tensor) -> Tensor {
@@ -231,7 +231,7 @@ public final class Evaluator {
     }
 
     /// ``Evaluation/features(of:batchSize:normalize:_:)`` computed in shards over the processes
-    /// of ``Distributed/world`` (each embeds about 1/N of the images, then all gather them);
+    /// of `Distributed.world` (each embeds about 1/N of the images, then all gather them);
     /// every process gets all the features, so the classifiers after it give every process the
     /// same numbers. The same as unsharded with one process.
     static func features(of dataset: ImageDataset, normalize: (mean: Double, std: Double), _ encode: (Tensor) -> Tensor) -> Tensor {

@@ -141,7 +141,7 @@ public struct StepContext: Sendable {
     /// from it and ``step``, so that a resumed run draws the same ones.
     public let seed: UInt64
     /// Where this process's images start in the step's whole batch (rank × batch size when
-    /// ``Distributed/world`` has several processes, else 0): random numbers drawn per image
+    /// `Distributed.world` has several processes, else 0): random numbers drawn per image
     /// should be keyed by `firstSample + i`, so that a run split over processes draws the
     /// same ones as a single process.
     public let firstSample: Int

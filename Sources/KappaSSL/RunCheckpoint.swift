@@ -90,7 +90,7 @@ public enum RunCheckpoint {
 
     /// Reads the configuration stored in a checkpoint written by ``save(_:to:)``, with the
     /// batch size per process that makes the run's whole batch with `processes` processes
-    /// (by default ``Distributed/size``); throws when the whole batch does not divide.
+    /// (by default `Distributed.size`); throws when the whole batch does not divide.
     public static func configuration(in url: URL, processes: Int = Distributed.size) throws -> DINOConfiguration {
         let (state, c) = try storedConfiguration(try SafeTensors.read(url).metadata, url)
         var config = c

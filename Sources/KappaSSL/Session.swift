@@ -6,7 +6,7 @@ import KappaNN
 /// not a terminal), `metrics.jsonl`, SVG plots, `checkpoint.safetensors` after every epoch
 /// and when stopped, evaluation every `evaluateEvery` epochs and at the end.
 ///
-/// With several processes (``Distributed/world``) every process runs the session (training
+/// With several processes (`Distributed.world`) every process runs the session (training
 /// and evaluation are collective) and only rank 0 prints and writes files; each process reads
 /// the checkpoint it resumes from, so the output folder must be visible to all of them (a
 /// shared filesystem, or the same path on one machine).

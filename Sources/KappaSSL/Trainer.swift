@@ -48,7 +48,7 @@ public struct StepLog: Encodable, Sendable {
 ///    in the first epochs, and steps AdamW;
 /// 4. moves the teacher towards the student (EMA, momentum on a cosine schedule).
 ///
-/// With several processes (``Distributed/world``, `mpirun -np N`) it trains data-parallel,
+/// With several processes (`Distributed.world`, `mpirun -np N`) it trains data-parallel,
 /// as PyTorch's DistributedDataParallel: rank 0's initial weights are broadcast, each process
 /// takes its shard of every global batch of N · `batchSize` images, gradients are averaged
 /// over the processes (in buckets, after backward) before clipping, BatchNorm is synchronized
@@ -77,7 +77,7 @@ public final class TeacherStudentTrainer {
     public internal(set) var generator: RandomGenerator
     /// Steps per epoch.
     public let iterationsPerEpoch: Int
-    /// The processes training together (``Distributed/size`` when the trainer was made).
+    /// The processes training together (`Distributed.size` when the trainer was made).
     public let processes: Int
     /// Images per step over all processes: ``processes`` × the configuration's batch size.
     public var globalBatchSize: Int { configuration.batchSize * processes }
