@@ -128,22 +128,6 @@ public struct EvaluationReport: Codable, Sendable {
     public var knn: Double
     /// Linear-probe accuracy, when it was run.
     public var linearProbe: Double?
-    /// ``Evaluation/features(of:batchSize:normalize:_:)`` computed in shards over the processes
-    /// of `Distributed.world` (each embeds about 1/N of the images, then all gather them);
-    /// every process gets all the features, so the classifiers after it give every process the
-    /// same numbers. The same as unsharded with one process.
-    static func features(of dataset: ImageDataset, normalize: (mean: Double, std: Double), _ encode: (Tensor) -> Tensor) -> Tensor {
-        let (n, size) = (dataset.count, Distributed.size)
-        let per = (n + size - 1) / size
-        guard size > 1, (size - 1) * per < n else { return Evaluation.features(of: dataset, normalize: normalize, encode) }
-        let start = Distributed.rank * per, end = Swift.min(n, start + per)
-        var mine = Evaluation.features(of: dataset.subset(start..<end), normalize: normalize, encode)
-        if end - start < per {   // the last shard is padded to the others' length
-            mine = Tensor.concat([mine, Tensor.zeros([per - (end - start), mine.shape[1]], dtype: mine.dtype)], alongAxis: 0)
-        }
-        return Distributed.allGather(mine)[0..<n].contiguous()
-    }
-
     /// kNN on raw pixels and on the randomly initialized backbone (the student's initialization).
     public var knnRawPixels: Double
     /// (See ``knnRawPixels``.)
