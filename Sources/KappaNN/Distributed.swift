@@ -154,11 +154,7 @@ public enum Distributed {
     public static func averageGradients(of parameters: [Tensor], bucketBytes: Int = 4 << 20) {
         guard size > 1 else { return }
         let withGrad = parameters.filter { $0.grad != nil }
-        // A gradient is averaged in place when it is a contiguous leaf of the parameter's type
-        // (what backward leaves), else replaced by a new tensor.
-        for p in withGrad where !p.grad!.isLeaf || !p.grad!.isContiguous || p.grad!.dtype != p.dtype {
-            p.grad = withoutGradients { p.grad!.to(p.dtype).contiguous().copied() }
-        }
+        for p in withGrad where p.grad!.dtype != p.dtype { p.grad = withoutGradients { p.grad!.to(p.dtype) } }
         func average<T: TensorScalar>(_ group: [Tensor], _: T.Type, _ reduce: (UnsafeMutableBufferPointer<T>) throws -> Void) {
             let perBucket = Swift.max(1, bucketBytes / MemoryLayout<T>.stride)
             let flat = UnsafeMutableBufferPointer<T>.allocate(capacity: perBucket)   // a larger gradient gets a bucket of its own
@@ -178,10 +174,14 @@ public enum Distributed {
                 }
                 must { try reduce(bucket) }
                 offset = 0
+                // Each mean into a new tensor: backward may hand one gradient buffer to several
+                // parameters, which must not be scaled twice.
                 for p in group[start..<end] {
-                    p.grad!.withMutableScalars(as: T.self) { g in
+                    let mean = Tensor.zeros(p.shape, dtype: p.dtype)
+                    mean.withMutableScalars(as: T.self) { g in
                         for i in 0..<g.count { g[i] = bucket[offset + i] * scale }
                     }
+                    p.grad = mean
                     offset += p.count
                 }
                 start = end
