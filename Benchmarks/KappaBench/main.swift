@@ -48,7 +48,7 @@ var rng = RandomGenerator(seed: 1)
 if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory, and allreduce (under mpirun)\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory, and allreduce, ddp-step (under mpirun)\n")
 
 if wants("matmul") {
 
@@ -213,13 +213,46 @@ if sections.contains("allreduce") {
         var measured = ""
         if n > 1 {
             for p in parameters { p.grad = Tensor.full(p.shape, 1, dtype: p.dtype) }
-            let t = time(reps: 5) { Distributed.averageGradients(of: parameters) }
+            // As the trainer does: one averager kept across steps (its buckets allocated once);
+            // timed: packing, the allreduces and the means, after one warm-up.
+            let averager = GradientAverager(parameters: parameters)
+            var samples: [Double] = []
+            for rep in 0..<6 {
+                for p in parameters { p.grad = Tensor.full(p.shape, 1, dtype: p.dtype) }
+                let start = DispatchTime.now().uptimeNanoseconds
+                averager.finish()
+                if rep > 0 { samples.append(Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9) }
+            }
+            let t = median(samples)
             record("\(name) gradient allreduce, \(n) ranks", t)
             measured = String(format: "; measured here: %.0f ms per step (%.1f GB/s of gradients)", t * 1e3, bytes / t / 1e9)
         }
         let ring = 2 * 7.0 / 8 * bytes
         print(String(format: "  %@ + DINO head: %.1f M parameters, %.0f MB of Float32 gradients%@", name, Double(count) / 1e6, bytes / 1e6, measured))
         print(String(format: "    ring allreduce per step: %.0f ms at 10 Gb/s, %.0f ms at 100 Gb/s", ring / (10e9 / 8) * 1e3, ring / (100e9 / 8) * 1e3))
+    }
+}
+
+if sections.contains("ddp-step") {
+    // A DINO-vMF training step of ViT-S/16 at 224 pixels with DINO's head (hidden 2048,
+    // bottleneck 256, 65,536 prototypes), 2 global 224² + 10 local 96² crops of random images,
+    // `KAPPA_DDP_BATCH` images per process (default 1), through the trainer: with the gradient
+    // allreduce started bucket by bucket during backward, and after it.
+    let batch = ProcessInfo.processInfo.environment["KAPPA_DDP_BATCH"].flatMap { Int($0) } ?? 1
+    var c = DINOConfiguration()
+    c.backbone = .vit(ViTConfiguration(imageSize: 224, patchSize: 16, channels: 3, width: 384, depth: 12, heads: 6))
+    (c.prototypes, c.headHidden, c.bottleneck, c.batchSize) = (65536, 2048, 256, batch)
+    c.loss.dimension = 256
+    (c.augmentation.globalSize, c.augmentation.localSize, c.augmentation.localCrops) = (224, 96, 10)
+    let trainer = try! TeacherStudentTrainer(configuration: c, iterationsPerEpoch: 100)
+    var g = RandomGenerator(seed: 5)
+    let views = (0..<12).map { v in Tensor.randomUniform([batch, 3, v < 2 ? 224 : 96, v < 2 ? 224 : 96], using: &g) }
+    print("ViT-S/16 DINO-vMF step through the trainer, \(Distributed.size) process(es) × \(batch) image(s), \(Threads.count) thread(s) each, median of 3 after 1 warm-up")
+    for overlap in [true, false] {
+        trainer.overlapsGradientAveraging = overlap
+        let t = time(reps: 3) { trainer.step(ObjectiveBatch(views: views)) }
+        record("ViT-S/16 step, \(Distributed.size) ranks, overlap \(overlap)", t)
+        print(String(format: "  allreduce %@: %.2f s per step", overlap ? "during backward" : "after backward ", t))
     }
 }
 

@@ -6,6 +6,7 @@
 #ifndef KAPPA_CMPI_SHIM_H
 #define KAPPA_CMPI_SHIM_H
 #include <stddef.h>
+#include <stdlib.h>
 
 #if __has_include(<mpi.h>)
 #include <mpi.h>
@@ -32,6 +33,24 @@ static inline int kappa_mpi_allreduce_f64(double *values, int count, int max) {
 static inline int kappa_mpi_bcast(void *bytes, int count, int root) {
     return MPI_Bcast(bytes, count, MPI_BYTE, root, MPI_COMM_WORLD);
 }
+// A nonblocking sum of floats in place; *request (freed by kappa_mpi_wait) follows it.
+static inline int kappa_mpi_iallreduce_f32(float *values, int count, void **request) {
+    MPI_Request *r = (MPI_Request *)malloc(sizeof(MPI_Request));
+    if (!r) return MPI_ERR_NO_MEM;
+    int e = MPI_Iallreduce(MPI_IN_PLACE, values, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, r);
+    if (e != MPI_SUCCESS) { free(r); *request = NULL; return e; }
+    *request = r;
+    return MPI_SUCCESS;
+}
+// Progresses the request; *done becomes 1 when it has completed (then call kappa_mpi_wait).
+static inline int kappa_mpi_test(void *request, int *done) {
+    return MPI_Test((MPI_Request *)request, done, MPI_STATUS_IGNORE);
+}
+static inline int kappa_mpi_wait(void *request) {
+    int e = MPI_Wait((MPI_Request *)request, MPI_STATUS_IGNORE);
+    free(request);
+    return e;
+}
 static inline int kappa_mpi_allgather(const void *bytes, int count, void *result) {
     return MPI_Allgather(bytes, count, MPI_BYTE, result, count, MPI_BYTE, MPI_COMM_WORLD);
 }
@@ -53,6 +72,9 @@ static inline int kappa_mpi_finalize(void) { return 0; }
 static inline int kappa_mpi_allreduce_f32(float *values, int count, int max) { return 1; }
 static inline int kappa_mpi_allreduce_f64(double *values, int count, int max) { return 1; }
 static inline int kappa_mpi_bcast(void *bytes, int count, int root) { return 1; }
+static inline int kappa_mpi_iallreduce_f32(float *values, int count, void **request) { *request = NULL; return 1; }
+static inline int kappa_mpi_test(void *request, int *done) { *done = 1; return 1; }
+static inline int kappa_mpi_wait(void *request) { return 1; }
 static inline int kappa_mpi_allgather(const void *bytes, int count, void *result) { return 1; }
 static inline int kappa_mpi_barrier(void) { return 1; }
 static inline void kappa_mpi_abort(int code) {}

@@ -175,7 +175,13 @@ extension Tensor {
     /// gradients. A scalar may omit `gradient` (it defaults to 1). Gradients accumulate
     /// across calls until ``zeroGrad()``. The saved residuals are released afterwards unless
     /// `retainGraph` is true.
-    public func backward(_ gradient: Tensor? = nil, retainGraph: Bool = false) {
+    ///
+    /// `onGradientReady` is called with each leaf as soon as its gradient of this backward is
+    /// complete (every op that used it has run its VJP), while the rest of backward still runs:
+    /// data-parallel training starts averaging a bucket of gradients over the processes then,
+    /// as PyTorch's DistributedDataParallel does from its autograd hooks. A leaf that receives no
+    /// gradient (all its VJPs returned nil) is not reported.
+    public func backward(_ gradient: Tensor? = nil, retainGraph: Bool = false, onGradientReady: ((Tensor) -> Void)? = nil) {
         precondition(_requiresGrad, "backward: tensor of shape \(shape) does not require gradients")
         let seed: Tensor
         if let g = gradient {
@@ -188,6 +194,7 @@ extension Tensor {
         }
         guard let root = gradFn else {
             accumulateLeaf(self, seed)
+            onGradientReady?(self)
             return
         }
         withoutGradients {
@@ -196,16 +203,35 @@ extension Tensor {
             var nodes: [Node] = []
             var seen: Set<ObjectIdentifier> = [ObjectIdentifier(root)]
             var stack = [root]
+            // With a hook: how many uses of each leaf are still to run their VJPs.
+            var uses: [ObjectIdentifier: Int] = [:]
             while let n = stack.popLast() {
                 nodes.append(n)
                 for case let t? in n.inputs {
-                    if let m = t.gradFn, seen.insert(ObjectIdentifier(m)).inserted { stack.append(m) }
+                    if let m = t.gradFn {
+                        if seen.insert(ObjectIdentifier(m)).inserted { stack.append(m) }
+                    } else if onGradientReady != nil {
+                        uses[ObjectIdentifier(t), default: 0] += 1
+                    }
                 }
+            }
+            var received: Set<ObjectIdentifier> = []
+            /// One use of leaf `t` done: when it was the last, the leaf's gradient is complete.
+            func used(_ t: Tensor) {
+                guard let hook = onGradientReady else { return }
+                let key = ObjectIdentifier(t)
+                let left = uses[key, default: 1] - 1
+                uses[key] = left
+                if left == 0 && received.contains(key) { hook(t) }
             }
             nodes.sort { $0.sequence > $1.sequence }
             var pending: [ObjectIdentifier: Tensor] = [ObjectIdentifier(root): seed]
             for node in nodes {
-                guard let g = pending.removeValue(forKey: ObjectIdentifier(node)) else { continue }
+                guard let g = pending.removeValue(forKey: ObjectIdentifier(node)) else {
+                    // Reached by no gradient: its leaves' uses are done all the same.
+                    if onGradientReady != nil { for case let t? in node.inputs where t.gradFn == nil { used(t) } }
+                    continue
+                }
                 guard let vjp = node.vjp else {
                     preconditionFailure("backward: the graph through '\(node.name)' was already released; pass retainGraph: true to the earlier backward")
                 }
@@ -213,7 +239,11 @@ extension Tensor {
                 precondition(grads.count == node.inputs.count,
                              "backward: VJP of '\(node.name)' returned \(grads.count) gradients for \(node.inputs.count) inputs")
                 for (i, input) in node.inputs.enumerated() {
-                    guard let t = input, var gi = grads[i] else { continue }
+                    guard let t = input else { continue }
+                    guard var gi = grads[i] else {
+                        if t.gradFn == nil { used(t) }
+                        continue
+                    }
                     if gi.shape != t.shape { gi = gi.sum(toShape: t.shape) }
                     if Tape.anomalyDetection {
                         Tape.checkAnomaly(gi, op: node.name, phase: "backward", inputs: node.inputShapes)
@@ -223,6 +253,10 @@ extension Tensor {
                         if let old = pending[key] { pending[key] = old + gi } else { pending[key] = gi }
                     } else {
                         accumulateLeaf(t, gi)
+                        if onGradientReady != nil {
+                            received.insert(ObjectIdentifier(t))
+                            used(t)
+                        }
                     }
                 }
                 if !retainGraph {

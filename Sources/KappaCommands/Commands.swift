@@ -328,6 +328,8 @@ public struct Common: ParsableArguments {
     @OptionGroup var threading: ThreadOptions
     @Option(help: "Evaluate every N epochs (and at the end). Default: \(TrainingSession.defaultEvaluateEvery).")
     var evalEvery: Int?
+    @Flag(help: "Under mpirun: start each bucket's gradient allreduce while backward runs (nonblocking MPI) instead of after it. Same results; slower on one machine whose cores all compute, may pay across machines.")
+    var overlapAllreduce = false
 
     /// Checks the options; the output folder must be a folder if it exists.
     func apply() throws {
@@ -441,6 +443,7 @@ struct Train: ParsableCommand {
         let method = KappaCommand.objectiveName ?? model.method?.rawValue ?? inferred
         print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads\(Distributed.size > 1 ? " in each of \(Distributed.size) processes (batch \(Distributed.size) × \(config.batchSize))" : "") (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel))")
         let trainer = try makeTrainer(config, train)
+        trainer.overlapsGradientAveraging = common.overlapAllreduce
         let evaluator = try Evaluator(reference: train, test: test)
         if dryRun { return try Self.dryRun(trainer, train, test, resume ? common.output : nil, extend: extend) }
         try common.makeOutput()

@@ -79,6 +79,16 @@ public final class MPICommunicator: Communicator {
         try chunks(values.count) { s, n in try Self.check("MPI_Allreduce", kappa_mpi_allreduce_f64(base + s, n, operation == .max ? 1 : 0)) }
     }
 
+    public func startAllReduce(_ values: UnsafeMutableBufferPointer<Float>) throws -> PendingReduction {
+        guard let base = values.baseAddress, values.count <= Int(kappa_mpi_max_count()) else {
+            try allReduce(values, .sum)   // empty, or too long for one MPI call: blocking, in chunks
+            return MPIPendingReduction(nil)
+        }
+        var request: UnsafeMutableRawPointer?
+        try Self.check("MPI_Iallreduce", kappa_mpi_iallreduce_f32(base, Int32(values.count), &request))
+        return MPIPendingReduction(request)
+    }
+
     public func broadcast(_ bytes: UnsafeMutableRawBufferPointer, root: Int) throws {
         precondition((0..<size).contains(root), "broadcast: root \(root) outside 0..<\(size)")
         guard let base = bytes.baseAddress else { return }
@@ -100,5 +110,29 @@ public final class MPICommunicator: Communicator {
         errorOutput.write(Data((message + "\n").utf8))
         kappa_mpi_abort(1)
         exit(1)
+    }
+}
+
+/// An MPI_Iallreduce under way (MPI_Test progresses it, MPI_Wait completes and frees it).
+final class MPIPendingReduction: PendingReduction {
+    private var request: UnsafeMutableRawPointer?
+    init(_ request: UnsafeMutableRawPointer?) { self.request = request }
+
+    func test() throws -> Bool {
+        guard let request else { return true }
+        var done: Int32 = 0
+        try MPICommunicator.check("MPI_Test", kappa_mpi_test(request, &done))
+        return done != 0
+    }
+
+    func wait() throws {
+        guard let r = request else { return }
+        request = nil
+        try MPICommunicator.check("MPI_Wait", kappa_mpi_wait(r))
+    }
+
+    deinit {
+        // A reduction dropped unwaited is completed, so that MPI does not write into freed memory.
+        if let r = request { _ = kappa_mpi_wait(r) }
     }
 }

@@ -51,7 +51,7 @@ public struct StepLog: Encodable, Sendable {
 /// With several processes (`Distributed.world`, `mpirun -np N`) it trains data-parallel,
 /// as PyTorch's DistributedDataParallel: rank 0's initial weights are broadcast, each process
 /// takes its shard of every global batch of N · `batchSize` images, gradients are averaged
-/// over the processes (in buckets, after backward) before clipping, BatchNorm is synchronized
+/// over the processes (in buckets; optionally started while backward still runs) before clipping, BatchNorm is synchronized
 /// (``DINOConfiguration/synchronizeBatchNorm``), the logged loss and monitors are the means
 /// over the processes, and they agree on when to stop. The result equals one process's with
 /// batch N · `batchSize` up to the order of floating-point sums.
@@ -82,6 +82,13 @@ public final class TeacherStudentTrainer {
     /// Images per step over all processes: ``processes`` × the configuration's batch size.
     public var globalBatchSize: Int { configuration.batchSize * processes }
     let lrSchedule: [Double], wdSchedule: [Double], momentumSchedule: [Double]
+    /// With several processes: start each bucket's allreduce while backward runs, or (false,
+    /// the default) average the buckets after backward with blocking allreduces, which was the
+    /// faster on a machine whose cores all compute (see `GradientAverager`). The results are
+    /// the same.
+    public var overlapsGradientAveraging = false
+    /// With several processes: the gradient averager and the parameters it was made for.
+    var averager: (averager: GradientAverager, ids: [ObjectIdentifier])?
 
     /// The student backbone.
     public var student: FeatureEncoder { networks.student }
@@ -186,10 +193,16 @@ public final class TeacherStudentTrainer {
                           teacherMomentum: momentumSchedule[it], terms: terms, monitors: monitors)
         guard value.isFinite else { return log }
         optimizer.zeroGrad()
-        out.loss.backward()
         if processes > 1 {
-            Distributed.averageGradients(of: networks.student.parameters + networks.studentHead.parameters
-                                         + (objective.module?.parameters ?? []))
+            // With the overlap, each bucket's allreduce starts as soon as backward has completed its gradients.
+            let parameters = networks.student.parameters + networks.studentHead.parameters + (objective.module?.parameters ?? [])
+            let ids = parameters.map(ObjectIdentifier.init)
+            if averager?.ids != ids { averager = (GradientAverager(parameters: parameters), ids) }
+            let averager = averager!.averager
+            out.loss.backward(onGradientReady: overlapsGradientAveraging ? averager.gradientReady : nil)
+            averager.finish()
+        } else {
+            out.loss.backward()
         }
         Gradients.clipPerParameter(networks.student, maxNorm: c.clipGradient)
         Gradients.clipPerParameter(networks.studentHead, maxNorm: c.clipGradient)

@@ -144,14 +144,15 @@ struct DistributedTests {
         try Self.expectWeights(alone, stopped)
     }
 
-    @Test("iBOT-vMF on the ViT with Sinkhorn–Knopp: 2 processes × 16 images train as 1 × 32 (20 steps)",
+    @Test("iBOT-vMF on the ViT with Sinkhorn–Knopp, allreduce during backward: 2 processes × 16 images train as 1 × 32 (20 steps)",
           .enabled(if: ready, "needs mpirun and Open MPI's headers (bash Scripts/setup.sh) and the DINOvMF program (swift build)"))
     func vit() throws {
         // The masks drawn per image, the patch term's centering and Sinkhorn–Knopp's sums over
         // the processes: measured within 2.4e-6 of one process over the 20 steps.
         let (alone, split) = (Self.folder("vit-alone"), Self.folder("vit-split"))
         defer { for f in [alone, split] { try? FileManager.default.removeItem(at: f) } }
-        let ibot = ["--method", "ibot-vmf", "--centering", "sinkhorn"]
+        // With the allreduce overlapped with backward (the ResNet test averages after it).
+        let ibot = ["--method", "ibot-vmf", "--centering", "sinkhorn", "--overlap-allreduce"]
         #expect(try Self.run(1, Self.arguments(batch: 32, backbone: "vit-micro") + ibot, output: alone) == 0)
         #expect(try Self.run(2, Self.arguments(batch: 16, backbone: "vit-micro") + ibot, output: split) == 0)
         Self.expectLosses(try Self.losses(alone), try Self.losses(split), steps: 20, first: 2e-5, all: 2e-4)

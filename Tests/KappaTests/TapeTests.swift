@@ -179,6 +179,36 @@ struct TapeTests {
         let fine = try withAnomalyDetection { (x * x).sum().item() }
         #expect(fine == 6)
     }
+
+    @Test("onGradientReady reports each leaf once, with its complete gradient, as soon as it is complete")
+    func gradientReadyHook() {
+        let x = randn([4], seed: 401)                       // no gradient: never reported
+        let w1 = randn([4], seed: 402).requiringGrad(), w2 = randn([4], seed: 403).requiringGrad()
+        let b = randn([4], seed: 404).requiringGrad()
+        let unused = randn([4], seed: 405).requiringGrad()  // not in the graph
+        // w1 is used twice, once deep in the graph; w2 only in the last product.
+        let h = ((x * w1).tanh() + w1 * b).exp()
+        let y = (h * w2).sum()
+        var reports: [(id: ObjectIdentifier, grad: [Double], w1Ready: Bool)] = []
+        y.backward(onGradientReady: { t in
+            reports.append((ObjectIdentifier(t), t.grad!.scalars(as: Double.self), w1.grad != nil))
+        })
+        let ids = reports.map(\.id)
+        #expect(Set(ids) == [ObjectIdentifier(w1), ObjectIdentifier(w2), ObjectIdentifier(b)])
+        #expect(ids.count == 3, "each leaf once")
+        for t in [w1, w2, b] {
+            let r = ids.firstIndex(of: ObjectIdentifier(t))!
+            #expect(reports[r].grad == t.grad!.scalars(as: Double.self), "reported before its gradient was complete")
+        }
+        // w2's gradient is complete after the first VJP, before backward reaches w1.
+        #expect(ids.first == ObjectIdentifier(w2) && reports[0].w1Ready == false)
+        #expect(unused.grad == nil)
+        // A leaf as the root is reported too.
+        var rootReported = false
+        let z = randn([1], seed: 406).requiringGrad()
+        z.backward(Tensor.ones([1], dtype: .float64), onGradientReady: { rootReported = $0 === z })
+        #expect(rootReported)
+    }
 }
 
 import Foundation
