@@ -99,9 +99,10 @@ public enum CommandLineFuzz {
         ("--invert-probability", reals), ("--rotation", reals), ("--translation", reals), ("--noise", reals),
         ("--local-crop-min", reals), ("--patch-weight", reals), ("--patch-teacher-temp", reals), ("--mask-ratio-min", reals),
         ("--mask-ratio-max", reals), ("--mask-probability", reals), ("--seed", integers), ("--threads", integers),
-        ("--eval-every", integers), ("--train-count", integers), ("--eval-count", integers),
+        ("--eval-every", integers), ("--train-count", integers), ("--eval-count", integers), ("--sync-batch-norm", booleans),
     ]
-    static let flags = ["--exact-normalizer", "--no-decay-on-norms", "--no-linear-probe", "--resume", "--extend", "--bogus-flag"]
+    static let flags = ["--exact-normalizer", "--no-decay-on-norms", "--no-linear-probe", "--resume", "--extend", "--overlap-allreduce",
+                        "--bogus-flag"]
 
     /// One argument list: `train --dry-run` with random options (usually few images, so that
     /// the run is quick), or `eval` of a checkpoint, or a malformed command.
