@@ -1,4 +1,4 @@
-// The supervised reference for the built-in shapes: the backbones of DINOvMF trained with the
+// The supervised reference for the built-in shapes (or any --data DINOvMF reads): the backbones of DINOvMF trained with the
 // labels (cross-entropy on a linear classifier, the views of the small-image preset), through
 // the same training loop as every self-supervised method, with the same kNN evaluation on the
 // same split as DINOvMF's reports. It shows what these features can reach when the signal is
@@ -6,6 +6,7 @@
 //
 //     swift run -c release Supervised                      # ResNet-8, 2 epochs
 //     swift run -c release Supervised --backbone vit-micro --epochs 3
+//     swift run -c release Supervised --data ../shared/data/mnist --backbone vit-conv
 import ArgumentParser
 import Foundation
 import Kappa
@@ -39,11 +40,12 @@ final class LabelObjective: SelfSupervisedObjective {
 
 struct Supervised: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Train DINOvMF's backbone with labels on the built-in shapes and report kNN accuracy each epoch.")
+        abstract: "Train DINOvMF's backbone with labels on the built-in shapes (or --data) and report kNN accuracy each epoch.")
 
+    @OptionGroup var data: DataOptions
     @Option(help: "resnet (width 8, DINOvMF's default), vit-micro (64 wide, 4 deep, patch 7) or vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem).")
     var backbone: BackbonePreset = .resnet
-    @Option(help: "Epochs over the 8,000 training images.")
+    @Option(help: "Epochs over the training images.")
     var epochs = 2
     @Option(help: "AdamW learning rate (constant).")
     var lr = 1e-3
@@ -57,16 +59,17 @@ struct Supervised: ParsableCommand {
 
     func run() throws {
         if let threads { Threads.count = threads }
-        // The split of DINOvMF's default run.
-        let (train, test) = ShapesDataset.splits(train: 8000, evaluation: 2000, seed: 0)
-        var c = try DINOConfiguration.preset(method: .dinoVMF, backbone: backbone)
-        c.augmentation = .smallImages
+        // The split of DINOvMF's default run (seed 0), or of --data as DINOvMF splits it.
+        let (train, test) = try data.load(seed: 0)
+        try DINOConfiguration.checkShape(of: train)
+        // The preset's small-image views for this size (no inversion), global crops only.
+        var c = try DINOConfiguration.preset(method: .dinoVMF, backbone: backbone, imageSize: train.height, channels: train.channels)
         c.augmentation.localCrops = 0
         (c.epochs, c.warmupEpochs, c.freezeLastLayerEpochs, c.clipGradient) = (epochs, 0, 0, .infinity)
         (c.baseLearningRate, c.minLearningRate) = (lr * 256 / Double(c.batchSize), lr)
         (c.weightDecay, c.weightDecayEnd) = (0.01, 0.01)
         let objective = LabelObjective(features: c.backbone.featureCount,
-                                       classes: ShapesDataset.classNames.count, seed: c.seed)
+                                       classes: Swift.max(train.classCount, test.classCount), seed: c.seed)
         let trainer = try TeacherStudentTrainer(configuration: c, objective: objective, train: train)
         let evaluator = try Evaluator(reference: train, test: test)
         let normalization = (c.augmentation.mean, c.augmentation.std)

@@ -20,11 +20,12 @@ public struct DataOptions: ParsableArguments {
     @Option(help: "Evaluation images (built-in data: generated with another seed; files: the last N). Default: 2000.")
     var evalCount = 2000
 
-    var isBuiltin: Bool { data == "builtin" }
+    /// Whether `--data` is the built-in shapes.
+    public var isBuiltin: Bool { data == "builtin" }
 
     /// The training and evaluation splits. Splits of a file set that do not fit are shrunk,
     /// with a warning line.
-    func load(seed: UInt64) throws -> (train: ImageDataset, test: ImageDataset) {
+    public func load(seed: UInt64) throws -> (train: ImageDataset, test: ImageDataset) {
         guard trainCount >= 1 else { throw ValidationError("--train-count must be at least 1, not \(trainCount)") }
         guard evalCount >= 1 else { throw ValidationError("--eval-count must be at least 1, not \(evalCount)") }
         if isBuiltin {
