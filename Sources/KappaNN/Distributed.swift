@@ -145,16 +145,15 @@ public enum Distributed {
     /// Every process's `t` (all of one shape [n, …]) concatenated along axis 0 in rank order.
     public static func allGather(_ t: Tensor) -> Tensor {
         guard size > 1 else { return t }
-        let c = withoutGradients { t.contiguous().copied() }
-        let out = Tensor.zeros([c.shape[0] * size] + c.shape.dropFirst(), dtype: c.dtype)
+        let out = Tensor.zeros([t.shape[0] * size] + t.shape.dropFirst(), dtype: t.dtype)
         func gather<T: TensorScalar>(_: T.Type) {
-            c.withScalars(as: T.self) { src in
+            t.withScalars(as: T.self) { src in   // copies a non-contiguous t
                 out.withMutableScalars(as: T.self) { dst in
                     must { try world.allGather(UnsafeRawBufferPointer(src), into: UnsafeMutableRawBufferPointer(dst)) }
                 }
             }
         }
-        switch c.dtype {
+        switch t.dtype {
         case .float32: gather(Float.self)
         case .float64: gather(Double.self)
         }
@@ -250,7 +249,7 @@ public final class GradientAverager {
     /// ignored.
     public func gradientReady(_ t: Tensor) {
         guard Distributed.size > 1 else { return }
-        for b in started where b.request != nil { Distributed.must { _ = try b.request!.test() } }
+        for b in started { Distributed.must { _ = try b.request!.test() } }
         guard let i = bucketOf[ObjectIdentifier(t)] else { return }
         let bucket = buckets[i]
         bucket.ready += 1
@@ -262,9 +261,8 @@ public final class GradientAverager {
         var offset = 0
         for p in bucket.members {
             let target = UnsafeMutableBufferPointer(rebasing: bucket.buffer[offset..<(offset + p.count)])
-            if let g = p.grad {
-                let g32 = g.dtype == .float32 ? g : withoutGradients { g.to(.float32) }
-                g32.withScalars(as: Float.self) { target.baseAddress!.update(from: $0.baseAddress!, count: p.count) }
+            if let g = p.grad {   // a leaf's gradient has the leaf's type (backward checks it)
+                g.withScalars(as: Float.self) { target.baseAddress!.update(from: $0.baseAddress!, count: p.count) }
             } else {
                 target.initialize(repeating: 0)
             }

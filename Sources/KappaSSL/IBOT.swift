@@ -129,13 +129,10 @@ public final class IBOTObjective: SelfSupervisedObjective {
         let grid = views[0].shape[2] / studentViT.configuration.patchSize
         // Each image's mask in each view from (seed, step, view, its place in the whole batch):
         // the same masks however the batch is split over processes, and on resume.
-        let masks = Tensor.concat((0..<views.count).flatMap { v in
-            (0..<b).map { j -> Tensor in
-                var g = RandomGenerator(seed: context.seed ^ (UInt64(context.step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07
-                                            ^ (UInt64(v) &* 0xC2B2_AE3D_27D4_EB4F) ^ (UInt64(context.firstSample + j) &* 0x1656_67B1_9E37_79F9))
-                return masking.masks(count: 1, height: grid, width: grid, using: &g)
-            }
-        }, alongAxis: 0)
+        let stepSeed = context.seed ^ (UInt64(context.step) &* 0x9E37_79B9_7F4A_7C15) ^ 0x1B07
+        let masks = masking.masks(seeds: (0..<views.count).flatMap { v in
+            (0..<b).map { j in stepSeed ^ (UInt64(v) &* 0xC2B2_AE3D_27D4_EB4F) ^ (UInt64(context.firstSample + j) &* 0x1656_67B1_9E37_79F9) }
+        }, height: grid, width: grid)
         let t = withoutGradients { ibotHeads(networks.teacherHead, teacherViT(globals), views: views.count) }
         let s = ibotHeads(networks.studentHead, studentViT(globals, mask: masks), views: views.count)
         let locals = batch.localViews.isEmpty ? [] : networks.studentLogits(batch.localViews)
@@ -175,31 +172,46 @@ public struct BlockMasking: Sendable, Codable, Equatable {
     public func masks(count: Int, height: Int, width: Int, dtype: DType = .float32,
                       using g: inout RandomGenerator) -> Tensor {
         var values = [Double](repeating: 0, count: count * height * width)
-        for i in 0..<count {
-            guard g.nextUniform() < probability else { continue }
-            let r = ratio.lowerBound + (ratio.upperBound - ratio.lowerBound) * g.nextUniform()
-            let target = Int((r * Double(height * width)).rounded())
-            var grid = [Bool](repeating: false, count: height * width)
-            var masked = 0, attempts = 0
-            while masked < target && attempts < 100 {
-                attempts += 1
-                let maxArea = target - masked
-                guard maxArea >= 1 else { break }
-                let area = Double(Swift.min(minimumBlock, maxArea)) + g.nextUniform() * Double(Swift.max(0, maxArea - minimumBlock))
-                let aspect = Foundation.exp(Foundation.log(0.3) + g.nextUniform() * (Foundation.log(1 / 0.3) - Foundation.log(0.3)))
-                let h = Int((area * aspect).squareRoot().rounded()), w = Int((area / aspect).squareRoot().rounded())
-                guard h >= 1, w >= 1, h < height || height == 1, w < width || width == 1 else { continue }
-                let top = g.nextInt(below: height - Swift.min(h, height) + 1), left = g.nextInt(below: width - Swift.min(w, width) + 1)
-                for y in top..<Swift.min(top + h, height) {
-                    for x in left..<Swift.min(left + w, width) where !grid[y * width + x] && masked < target {
-                        grid[y * width + x] = true
-                        masked += 1
-                    }
+        for i in 0..<count { mask(i, into: &values, height: height, width: width, using: &g) }
+        return Tensor(values, shape: [count, height * width], dtype: dtype)
+    }
+
+    /// Masks [seeds.count, height·width], image i drawn from a generator of its own seed
+    /// (iBOT keys them by the image's place in the whole batch, so that a batch split over
+    /// processes draws the same masks).
+    public func masks(seeds: [UInt64], height: Int, width: Int, dtype: DType = .float32) -> Tensor {
+        var values = [Double](repeating: 0, count: seeds.count * height * width)
+        for (i, seed) in seeds.enumerated() {
+            var g = RandomGenerator(seed: seed)
+            mask(i, into: &values, height: height, width: width, using: &g)
+        }
+        return Tensor(values, shape: [seeds.count, height * width], dtype: dtype)
+    }
+
+    /// Draws image i's mask into its row of `values`.
+    func mask(_ i: Int, into values: inout [Double], height: Int, width: Int, using g: inout RandomGenerator) {
+        guard g.nextUniform() < probability else { return }
+        let r = ratio.lowerBound + (ratio.upperBound - ratio.lowerBound) * g.nextUniform()
+        let target = Int((r * Double(height * width)).rounded())
+        var grid = [Bool](repeating: false, count: height * width)
+        var masked = 0, attempts = 0
+        while masked < target && attempts < 100 {
+            attempts += 1
+            let maxArea = target - masked
+            guard maxArea >= 1 else { break }
+            let area = Double(Swift.min(minimumBlock, maxArea)) + g.nextUniform() * Double(Swift.max(0, maxArea - minimumBlock))
+            let aspect = Foundation.exp(Foundation.log(0.3) + g.nextUniform() * (Foundation.log(1 / 0.3) - Foundation.log(0.3)))
+            let h = Int((area * aspect).squareRoot().rounded()), w = Int((area / aspect).squareRoot().rounded())
+            guard h >= 1, w >= 1, h < height || height == 1, w < width || width == 1 else { continue }
+            let top = g.nextInt(below: height - Swift.min(h, height) + 1), left = g.nextInt(below: width - Swift.min(w, width) + 1)
+            for y in top..<Swift.min(top + h, height) {
+                for x in left..<Swift.min(left + w, width) where !grid[y * width + x] && masked < target {
+                    grid[y * width + x] = true
+                    masked += 1
                 }
             }
-            for (k, m) in grid.enumerated() where m { values[i * height * width + k] = 1 }
         }
-        return Tensor(values, shape: [count, height * width], dtype: dtype)
+        for (k, m) in grid.enumerated() where m { values[i * height * width + k] = 1 }
     }
 }
 

@@ -87,8 +87,9 @@ public final class TeacherStudentTrainer {
     /// faster on a machine whose cores all compute (see `GradientAverager`). The results are
     /// the same.
     public var overlapsGradientAveraging = false
-    /// With several processes: the gradient averager and the parameters it was made for.
-    var averager: (averager: GradientAverager, ids: [ObjectIdentifier])?
+    /// With several processes: the averager of the trained parameters' gradients (their
+    /// tensors stay the same objects for the trainer's life; checkpoints load into them).
+    let averager: GradientAverager?
 
     /// The student backbone.
     public var student: FeatureEncoder { networks.student }
@@ -141,9 +142,13 @@ public final class TeacherStudentTrainer {
             Distributed.broadcast(student.stateDict().map(\.tensor) + studentHead.stateDict().map(\.tensor)
                                   + teacher.stateDict().map(\.tensor) + teacherHead.stateDict().map(\.tensor)
                                   + (self.objective.module?.stateDict().map(\.tensor) ?? []))
+            averager = GradientAverager(parameters: student.parameters + studentHead.parameters
+                                        + (self.objective.module?.parameters ?? []))
             let sync = c.synchronizeBatchNorm ?? true
             for m in [student, studentHead, teacher, teacherHead] as [Module] { m.synchronizeBatchNorm(sync) }
             self.objective.module?.synchronizeBatchNorm(sync)
+        } else {
+            averager = nil
         }
         let lr = c.baseLearningRate * Double(c.batchSize * processes) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
@@ -193,12 +198,8 @@ public final class TeacherStudentTrainer {
                           teacherMomentum: momentumSchedule[it], terms: terms, monitors: monitors)
         guard value.isFinite else { return log }
         optimizer.zeroGrad()
-        if processes > 1 {
+        if let averager {
             // With the overlap, each bucket's allreduce starts as soon as backward has completed its gradients.
-            let parameters = networks.student.parameters + networks.studentHead.parameters + (objective.module?.parameters ?? [])
-            let ids = parameters.map(ObjectIdentifier.init)
-            if averager?.ids != ids { averager = (GradientAverager(parameters: parameters), ids) }
-            let averager = averager!.averager
             out.loss.backward(onGradientReady: overlapsGradientAveraging ? averager.gradientReady : nil)
             averager.finish()
         } else {

@@ -16,11 +16,8 @@ import Testing
 /// 0.07 at the first step, so they do separate a wrong split from rounding.
 @Suite("Data-parallel training over MPI (mpirun)", .serialized)
 struct DistributedTests {
-    /// The DINOvMF program built beside the test bundle.
-    static var program: URL? {
-        let url = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("DINOvMF")
-        return FileManager.default.isExecutableFile(atPath: url.path) ? url : nil
-    }
+    /// The DINOvMF program built beside the test bundle (the crash tests find it).
+    static var program: URL? { CrashTests.program }
 
     /// `mpirun` on the PATH.
     static var mpirun: URL? {
