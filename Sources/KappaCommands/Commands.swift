@@ -79,6 +79,12 @@ public struct ModelOptions: ParsableArguments {
     var bottleneck: Int?
     @Option(help: "Hidden width of the head's MLP. Default: \(d.headHidden).")
     var headHidden: Int?
+    @Option(help: "BatchNorm after the head's hidden layers (DINO's --use_bn_in_head; true/false). Default: \(d.headBatchNorm).")
+    var headBatchNorm: Bool?
+    @Option(help: "ViT: patch size in pixels (DINO's --patch_size; the image side must divide by it, and vit-conv's stem makes 4). Default: 7 on 28-pixel images, 4 on 32-pixel ones.")
+    var patchSize: Int?
+    @Option(help: "ViT: stochastic depth of the last block, linear from 0 in the first (DINO's --drop_path_rate). Default: \(ViTConfiguration.refMicro.dropPathRate).")
+    var dropPath: Double?
     @Option(help: "Epochs. Default: \(d.epochs) with a ResNet, \(vit.epochs) with a ViT.")
     var epochs: Int?
     @Option(help: "Images per batch and per process (each gives 2 global + --local-crops local views); under mpirun -np N a step trains on N × this. Default: \(d.batchSize).")
@@ -191,6 +197,24 @@ public struct ModelOptions: ParsableArguments {
         if let bottleneck { c.bottleneck = bottleneck }
         c.loss.dimension = c.bottleneck
         if let headHidden { c.headHidden = headHidden }
+        if let headBatchNorm { c.headBatchNorm = headBatchNorm }
+        if patchSize != nil || dropPath != nil {
+            guard case .vit(var v) = c.backbone else { throw ValidationError("--patch-size and --drop-path need a ViT (--backbone)") }
+            if let patchSize {
+                guard v.convolutionalStem == nil else { throw ValidationError("--patch-size: vit-conv's stem makes 4-pixel tokens; use vit-micro, vit-tiny or vit-small") }
+                guard patchSize >= 1 && v.imageSize % patchSize == 0 else {
+                    throw ValidationError("--patch-size \(patchSize) does not divide the \(v.imageSize)-pixel images")
+                }
+                v.patchSize = patchSize
+                let local = Swift.max(patchSize, (v.imageSize / 2) / patchSize * patchSize)
+                c.augmentation.localSize = local
+            }
+            if let dropPath {
+                guard dropPath.isFinite && (0..<1).contains(dropPath) else { throw ValidationError("--drop-path must lie in [0, 1), not \(dropPath)") }
+                v.dropPathRate = dropPath
+            }
+            c.backbone = .vit(v)
+        }
         if let epochs { c.epochs = epochs }
         if let batchSize { c.batchSize = batchSize }
         if let syncBatchNorm { c.synchronizeBatchNorm = syncBatchNorm }
@@ -511,58 +535,95 @@ struct Eval: ParsableCommand {
     }
 }
 
+/// One run of the ablation grid, as its table shows it.
+struct AblationCell {
+    let knn: Double?
+    let probe: Double?
+    let utilization: Int
+    let norms: Evaluation.Summary?
+    let state: String
+}
+
 struct Ablation: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "The paper's ablation grid (normalized prototypes × vMF normalization × probability centering) on a short budget, as one table.")
     @OptionGroup var data: DataOptions
     @OptionGroup var model: ModelOptions
     @OptionGroup var common: Common
-    @Option(help: "Epochs of each of the eight runs (the short budget; overrides --epochs).")
+    @Option(help: "Epochs of each run (the short budget; overrides --epochs).")
     var budgetEpochs = 5
+    @Option(parsing: .upToNextOption, help: "Seeds: each cell is trained once per seed (initialization, views, masks) and the table gives each seed's figures, for example --seeds 0 1; the built-in data is generated with the first. Default: --seed.")
+    var seeds: [UInt64] = []
+    @Flag(help: "Skip the linear probe of each run.")
+    var noLinearProbe = false
+
+    typealias Cell = AblationCell
 
     func run() throws {
         try common.apply()
         guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
-        let (train, test) = try data.load(seed: common.resolvedSeed(nil))
+        let seedList = seeds.isEmpty ? [common.resolvedSeed(nil)] : seeds
+        guard Set(seedList).count == seedList.count else { throw ValidationError("--seeds \(seedList.map(String.init).joined(separator: " ")) names a seed twice") }
+        let (train, test) = try data.load(seed: seedList[0])
         try DINOConfiguration.checkShape(of: train)
         let evaluator = try Evaluator(reference: train, test: test)
         try common.makeOutput()
-        var cells: [RunRecord] = []
+        var records: [RunRecord] = []
         var rows: [String] = []
+        var prototypes = 0
         for normalized in [true, false] {
             for vmf in [false, true] {
                 for probability in [false, true] {
-                    var m = model
-                    (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
-                    m.epochs = budgetEpochs
-                    m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
-                    let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: common.resolvedSeed(nil),
-                                                     mixedPolarity: data.isBuiltin)
-                    let name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
-                    print("== \(name)")
-                    let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: evaluator,
-                                                  output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
-                    session.evaluateEvery = Swift.max(1, budgetEpochs)
-                    session.linearProbe = false
-                    let outcome = try runStoppable(session)
-                    if outcome.interrupted { throw ExitCode(130) }
-                    var record = session.record
-                    record.name = name
-                    cells.append(record)
-                    let r = outcome.report
-                    let collapsed = r.map { $0.utilization <= 1 } ?? true
-                    let stable = !outcome.diverged && !collapsed ? "stable" : (outcome.diverged ? "NaN" : "collapsed")
-                    rows.append(String(format: "| %-5@ | %-5@ | %-5@ | %6.2f%% | %4d / %-4d | %@ |", "\(normalized)", "\(vmf)", "\(probability)",
-                                       100 * (r?.knn ?? .nan), r?.utilization ?? 0, config.prototypes, stable))
+                    var cells: [Cell] = []
+                    for seed in seedList {
+                        var m = model
+                        (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
+                        m.epochs = budgetEpochs
+                        m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
+                        let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: seed,
+                                                         mixedPolarity: data.isBuiltin)
+                        prototypes = config.prototypes
+                        var name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
+                        if seedList.count > 1 { name += " seed=\(seed)" }
+                        print("== \(name)")
+                        let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: evaluator,
+                                                      output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
+                        session.evaluateEvery = Swift.max(1, budgetEpochs)
+                        session.linearProbe = !noLinearProbe
+                        let outcome = try runStoppable(session)
+                        if outcome.interrupted { throw ExitCode(130) }
+                        var record = session.record
+                        record.name = name
+                        records.append(record)
+                        let r = outcome.report
+                        let collapsed = r.map { $0.utilization <= 1 } ?? true
+                        cells.append(Cell(knn: r?.knn, probe: r?.linearProbe, utilization: r?.utilization ?? 0, norms: r?.prototypeNorms,
+                                          state: outcome.diverged ? "NaN" : (collapsed ? "collapsed" : "stable")))
+                    }
+                    rows.append(Self.row(normalized: normalized, vmf: vmf, probability: probability, cells))
                 }
             }
         }
-        print("\n| normalized prototypes | vMF normalization | probability centering | kNN | utilization | run |")
-        print("|---|---|---|---:|---:|---|")
+        let seedsNote = seedList.count > 1 ? " (seeds \(seedList.map(String.init).joined(separator: " / ")))" : ""
+        print("\n\(budgetEpochs) epochs per run, K = \(prototypes)\(seedsNote):\n")
+        print("| normalized prototypes | vMF normalization | probability centering | kNN | linear probe | prototypes used | ‖w_k‖ min–max | run |")
+        print("|---|---|---|---:|---:|---:|---:|---|")
         for r in rows { print(r) }
         let report = common.output + "/report.html"
-        try HTMLReport.comparison(cells, title: "Ablation grid", command: reproducingCommand())
+        try HTMLReport.comparison(records, title: "Ablation grid", command: reproducingCommand())
             .write(toFile: report, atomically: true, encoding: .utf8)
         print("cells side by side, with overlaid curves: \(report)")
+    }
+
+    /// A Markdown row: each figure once per seed, separated by " / ".
+    static func row(normalized: Bool, vmf: Bool, probability: Bool, _ cells: [Cell]) -> String {
+        func percent(_ x: Double?) -> String { x.map { String(format: "%.2f", 100 * $0) } ?? "–" }
+        func each(_ f: (Cell) -> String) -> String { cells.map(f).joined(separator: " / ") }
+        let knn = each { percent($0.knn) } + "%"
+        let probe = cells.contains { $0.probe != nil } ? each { percent($0.probe) } + "%" : "–"
+        let used = each { "\($0.utilization)" }
+        let norms = each { c in c.norms.map { String(format: "%.2f–%.2f", $0.min, $0.max) } ?? "–" }
+        let states = Set(cells.map(\.state)).count == 1 ? cells[0].state : each(\.state)
+        return "| \(normalized) | \(vmf) | \(probability) | \(knn) | \(probe) | \(used) | \(norms) | \(states) |"
     }
 }
 

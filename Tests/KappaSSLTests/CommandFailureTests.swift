@@ -153,8 +153,17 @@ struct CommandFailureTests {
 
     @Test func ablationWritesOneReportWithEveryCell() throws {
         let out = Self.path("ablation")
-        let r = try Self.run(["ablation", "--budget-epochs", "1"] + Self.tiny.filter { $0 != "--no-linear-probe" } + ["--output", out])
+        let r = try Self.run(["ablation", "--budget-epochs", "1", "--seeds", "0", "1"] + Self.tiny.filter { $0 != "--no-linear-probe" } + ["--output", out])
         #expect(r.status == 0 && r.output.contains("| run |"), "\(r.output.suffix(800))")
+        // Eight rows, each with both seeds' kNN, linear probe, prototypes used and norm range.
+        let rows = r.output.split(separator: "\n").filter { $0.hasPrefix("| true |") || $0.hasPrefix("| false |") }
+        #expect(rows.count == 8, "\(r.output.suffix(1200))")
+        for row in rows {
+            let fields = row.split(separator: "|").map { $0.trimmingCharacters(in: .whitespaces) }
+            #expect(fields.count == 8 && fields[3...6].allSatisfy { $0.components(separatedBy: " / ").count == 2 }, "\(row)")
+        }
+        let seeds = try FileManager.default.contentsOfDirectory(atPath: out).filter { $0.hasSuffix("seed=1") }
+        #expect(seeds.count == 8, "one folder per cell and seed: \(seeds)")
         let html = try Data(contentsOf: URL(fileURLWithPath: out + "/report.html"))
         final class Columns: NSObject, XMLParserDelegate {
             var headers = 0, svg = 0
@@ -166,7 +175,7 @@ struct CommandFailureTests {
         let parser = XMLParser(data: html)
         let columns = Columns()
         parser.delegate = columns
-        #expect(parser.parse() && columns.headers == 8 && columns.svg == 3, "eight cells side by side, three overlaid plots")
+        #expect(parser.parse() && columns.headers == 16 && columns.svg == 3, "eight cells × two seeds side by side, three overlaid plots")
     }
 
     @Test func resumeChecksTheRunAndCtrlCExitsWith130() throws {
