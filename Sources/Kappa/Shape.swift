@@ -92,9 +92,19 @@ func coalesce(_ shape: [Int], _ strides: [[Int]]) -> ([Int], [[Int]]) {
 @inline(__always)
 func forEachRun(_ shape: [Int], _ strides: [[Int]],
                 _ body: (UnsafeMutableBufferPointer<Int>, UnsafeMutableBufferPointer<Int>, Int) -> Void) {
-    let total = shapeCount(shape)
-    if total == 0 { return }
+    if shapeCount(shape) == 0 { return }
     let (s, st) = coalesce(shape, strides)
+    forEachCoalescedRun(s, st, body)
+}
+
+/// ``forEachRun(_:_:_:)`` over a shape and strides that ``coalesce(_:_:)`` has already
+/// merged: allocates nothing, so a caller that walks many sub-blocks of one layout (the rows
+/// of a split loop) coalesces once.
+@inline(__always)
+func forEachCoalescedRun(_ s: [Int], _ st: [[Int]],
+                         _ body: (UnsafeMutableBufferPointer<Int>, UnsafeMutableBufferPointer<Int>, Int) -> Void) {
+    let total = shapeCount(s)
+    if total == 0 { return }
     let rank = s.count, k = st.count
     let inner = s[rank - 1]
     withUnsafeTemporaryAllocation(of: Int.self, capacity: 2 * k + rank) { buf in

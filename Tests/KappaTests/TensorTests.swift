@@ -258,6 +258,28 @@ struct TensorTests {
         #expect(Swift.abs(lhs - rhs) < 1e-10 * Swift.max(1, Swift.abs(lhs)))
     }
 
+    /// Binary and `where` ops large enough to be split over the cores by rows, on a permuted
+    /// view, a broadcast operand and a layout whose inner dimensions coalesce, equal the same
+    /// ops element by element.
+    @Test func splitBroadcastLoopsEqualElementByElement() {
+        let base = randn([40, 64, 33], seed: 31)
+        let a = base.permuted([1, 2, 0])                        // [64, 33, 40], not contiguous
+        let b = randn([33, 1], seed: 32)                        // broadcast over rows and columns
+        let c = randn([1, 33, 40], seed: 33)                    // inner dimensions coalesce
+        #expect(a.count >= 1 << 16, "large enough to be split")
+        let av = a.contiguous().doubles, bv = b.doubles, cv = c.doubles
+        let sum = a + b, product = a * c, chosen = Tensor.where(a.gt(0), c, b)
+        let (sv, pv, wv) = (sum.doubles, product.doubles, chosen.doubles)
+        for i in 0..<64 { for j in 0..<33 { for k in 0..<40 {
+            let n = (i * 33 + j) * 40 + k
+            guard sv[n] == av[n] + bv[j], pv[n] == av[n] * cv[j * 40 + k],
+                  wv[n] == (av[n] > 0 ? cv[j * 40 + k] : bv[j]) else {
+                Issue.record("element [\(i), \(j), \(k)]: \(sv[n]), \(pv[n]), \(wv[n])")
+                return
+            }
+        } } }
+    }
+
     /// A batch large enough to be split over the cores (one BLAS thread per chunk) gives what
     /// each image gives alone, forward and backward.
     @Test func convolutionOfABatchEqualsImageByImage() {

@@ -424,12 +424,13 @@ func forEachRunSplit(_ shape: [Int], _ strides: [[Int]],
         forEachRun(shape, strides, body)
         return
     }
-    let inner = Array(shape.dropFirst())
-    let innerStrides = strides.map { Array($0.dropFirst()) }
+    // The rows share one layout: coalesce it once, not once per row (each coalescing
+    // allocates its arrays).
+    let (inner, innerStrides) = coalesce(Array(shape.dropFirst()), strides.map { Array($0.dropFirst()) })
     let outer = strides.map { $0[0] }
     Parallel.forEach(shape[0], costPerItem: n / shape[0]) { r in
         for i in r {
-            forEachRun(inner, innerStrides) { off, step, m in
+            forEachCoalescedRun(inner, innerStrides) { off, step, m in
                 for k in 0..<outer.count { off[k] += i * outer[k] }
                 body(off, step, m)
                 for k in 0..<outer.count { off[k] -= i * outer[k] }
