@@ -5,7 +5,13 @@
 //     cd Benchmarks/PackageBenchmark && swift package benchmark
 //
 // A package of its own so that `swift test` and CI on the main package never build it.
+import Foundation
 import PackageDescription
+
+// SwiftPM names a local dependency by its folder, so Kappa's package is whatever the clone's
+// folder is called ("kappa", "main", ...): derive it from this manifest's path.
+let kappa = URL(fileURLWithPath: #filePath).deletingLastPathComponent()   // Benchmarks/PackageBenchmark
+    .deletingLastPathComponent().deletingLastPathComponent().lastPathComponent.lowercased()
 
 let package = Package(
     name: "KappaPackageBenchmark",
@@ -19,9 +25,9 @@ let package = Package(
             name: "KappaBenchmarks",
             dependencies: [
                 .product(name: "Benchmark", package: "benchmark"),
-                .product(name: "Kappa", package: "main"),
-                .product(name: "KappaNN", package: "main"),
-                .product(name: "KappaSSL", package: "main"),
+                .product(name: "Kappa", package: kappa),
+                .product(name: "KappaNN", package: kappa),
+                .product(name: "KappaSSL", package: kappa),
                 "CBLASBench",
             ],
             path: "Benchmarks/KappaBenchmarks",
