@@ -90,6 +90,10 @@ public final class TeacherStudentTrainer {
     /// With several processes: the averager of the trained parameters' gradients (their
     /// tensors stay the same objects for the trainer's life; checkpoints load into them).
     let averager: GradientAverager?
+    /// The parameters clipped every step (student, head, the objective's module) and the
+    /// teacher–student pairs of the EMA, collected once for the same reason.
+    let clipped: [(name: String, tensor: Tensor)]
+    let emaPairs: [(teacher: [(name: String, tensor: Tensor)], student: [(name: String, tensor: Tensor)])]
 
     /// The student backbone.
     public var student: FeatureEncoder { networks.student }
@@ -150,6 +154,8 @@ public final class TeacherStudentTrainer {
         } else {
             averager = nil
         }
+        clipped = student.namedParameters() + studentHead.namedParameters() + (self.objective.module?.namedParameters() ?? [])
+        emaPairs = [(teacher.namedParameters(), student.namedParameters()), (teacherHead.namedParameters(), studentHead.namedParameters())]
         let lr = c.baseLearningRate * Double(c.batchSize * processes) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
@@ -205,13 +211,10 @@ public final class TeacherStudentTrainer {
         } else {
             out.loss.backward()
         }
-        Gradients.clipPerParameter(networks.student, maxNorm: c.clipGradient)
-        Gradients.clipPerParameter(networks.studentHead, maxNorm: c.clipGradient)
-        if let module = objective.module { Gradients.clipPerParameter(module, maxNorm: c.clipGradient) }
+        Gradients.clipPerParameter(clipped, maxNorm: c.clipGradient)
         if epoch < c.freezeLastLayerEpochs { networks.studentHead.cancelLastLayerGradients() }
         optimizer.step()
-        emaUpdate(teacher: networks.teacher, student: networks.student, momentum: momentumSchedule[it])
-        emaUpdate(teacher: networks.teacherHead, student: networks.studentHead, momentum: momentumSchedule[it])
+        for (teacher, student) in emaPairs { emaUpdate(teacher: teacher, student: student, momentum: momentumSchedule[it]) }
         step += 1
         return log
     }
