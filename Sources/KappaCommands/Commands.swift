@@ -561,6 +561,7 @@ struct Ablation: ParsableCommand {
     func run() throws {
         try common.apply()
         guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
+        guard seeds.isEmpty || common.seed == nil else { throw ValidationError("--seed and --seeds: give one of them") }
         let seedList = seeds.isEmpty ? [common.resolvedSeed(nil)] : seeds
         guard Set(seedList).count == seedList.count else { throw ValidationError("--seeds \(seedList.map(String.init).joined(separator: " ")) names a seed twice") }
         let (train, test) = try data.load(seed: seedList[0])

@@ -87,10 +87,11 @@ public enum CommandLineFuzz {
     /// The options of `train` with their kinds of values.
     static let trainOptions: [(String, [String])] = [
         ("--method", ["dino-vmf", "dino", "ibot-vmf", "ibot", "simclr", ""]),
-        ("--backbone", ["resnet", "vit-micro", "vit-tiny", "vit-small", "vgg"]),
+        ("--backbone", ["resnet", "vit-micro", "vit-tiny", "vit-small", "vit-conv", "vgg"]),
         ("--vmf-normalization", booleans), ("--normalized-prototypes", booleans),
         ("--centering", ["probability", "logit", "sinkhorn", "none"]),
         ("--resnet-width", integers), ("--prototypes", integers), ("--bottleneck", integers), ("--head-hidden", integers),
+        ("--head-batch-norm", booleans), ("--patch-size", integers), ("--drop-path", reals),
         ("--epochs", integers), ("--batch-size", integers), ("--lr", reals), ("--min-lr", reals), ("--warmup-epochs", integers),
         ("--weight-decay", reals), ("--weight-decay-end", reals), ("--teacher-momentum", reals), ("--student-temp", reals),
         ("--teacher-temp", reals), ("--warmup-teacher-temp", reals), ("--warmup-teacher-epochs", integers),
@@ -126,8 +127,10 @@ public enum CommandLineFuzz {
             args = ["eval", "--checkpoint", pick(files.checkpoints)]
         }
         if g.nextUniform() < 0.4 { args += ["--data", pick(files.dataSets + ["builtin"])] }
-        // Few images unless the list says otherwise: the default 8,000 would make runs slow.
-        if !args.contains("--train-count") && g.nextUniform() < 0.95 { args += ["--train-count", pick(["64", "80", "100"])] }
+        // Few images unless the list says otherwise: the default 8,000 would make runs slow
+        // (an evaluation of them all takes about a minute in a debug build, so eval always
+        // gets few; a dry run trains on two images whatever the count).
+        if !args.contains("--train-count") && (args[0] == "eval" || g.nextUniform() < 0.95) { args += ["--train-count", pick(["64", "80", "100"])] }
         if !args.contains("--eval-count") && g.nextUniform() < 0.95 { args += ["--eval-count", pick(["1", "4", "16"])] }
         if !args.contains("--threads") { args += ["--threads", "1"] }
         return args

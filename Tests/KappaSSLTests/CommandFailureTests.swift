@@ -79,6 +79,11 @@ struct CommandFailureTests {
         try expectUsage(["--prototypes", "0"], naming: "--prototypes")                    // 10
         try expectUsage(["--epochs", "1", "--warmup-epochs", "2"], naming: "--warmup-epochs")
         try expectUsage(["--output", "/proc/kappa-x"], naming: "--output")                // 10
+        try expectUsage(["--patch-size", "4"], naming: "--patch-size")                     // the ResNet has no patches
+        try expectUsage(["--backbone", "vit-micro", "--patch-size", "5"], naming: "--patch-size")
+        try expectUsage(["--backbone", "vit-micro", "--drop-path", "1"], naming: "--drop-path")
+        try expectUsage(["ablation", "--seed", "1", "--seeds", "0", "1"], naming: "--seeds")
+        try expectUsage(["ablation", "--seeds", "3", "3"], naming: "--seeds")
         try FileManager.default.createDirectory(at: Self.folder, withIntermediateDirectories: true)
         _ = FileManager.default.createFile(atPath: Self.path("a-file"), contents: Data([1]))
         try expectUsage(["--output", Self.path("a-file")], naming: "is a file")           // 10
