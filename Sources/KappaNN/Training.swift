@@ -35,13 +35,13 @@ public enum Gradients {
     /// when that is below 1. Returns the norms before clipping, by name.
     @discardableResult
     public static func clipPerParameter(_ model: Module, maxNorm: Double) -> [(name: String, norm: Double)] {
-        clipPerParameter(model.namedParameters(), maxNorm: maxNorm)
+        clipPerParameter(parameters: model.namedParameters(), maxNorm: maxNorm)
     }
 
     /// ``clipPerParameter(_:maxNorm:)`` over parameters collected once (a training loop that
     /// clips every step need not walk its modules every step).
     @discardableResult
-    public static func clipPerParameter(_ parameters: [(name: String, tensor: Tensor)], maxNorm: Double) -> [(name: String, norm: Double)] {
+    public static func clipPerParameter(parameters: [(name: String, tensor: Tensor)], maxNorm: Double) -> [(name: String, norm: Double)] {
         var norms: [(String, Double)] = []
         withoutGradients {
             for (name, p) in parameters {
@@ -71,12 +71,13 @@ public enum Gradients {
 /// The exponential moving average of a student's parameters into a teacher's, in place and
 /// off the tape: θ_t ← m·θ_t + (1 − m)·θ_s for every parameter, matched by name.
 public func emaUpdate(teacher: Module, student: Module, momentum m: Double) {
-    emaUpdate(teacher: teacher.namedParameters(), student: student.namedParameters(), momentum: m)
+    emaUpdate(teacherParameters: teacher.namedParameters(), studentParameters: student.namedParameters(), momentum: m)
 }
 
 /// ``emaUpdate(teacher:student:momentum:)`` over parameters collected once, matched by
 /// position and checked by name, shape and dtype.
-public func emaUpdate(teacher t: [(name: String, tensor: Tensor)], student s: [(name: String, tensor: Tensor)], momentum m: Double) {
+public func emaUpdate(teacherParameters t: [(name: String, tensor: Tensor)], studentParameters s: [(name: String, tensor: Tensor)],
+                      momentum m: Double) {
     precondition(t.count == s.count, "emaUpdate: teacher has \(t.count) parameters, student \(s.count)")
     for (a, b) in zip(t, s) {
         precondition(a.name == b.name && a.tensor.shape == b.tensor.shape && a.tensor.dtype == b.tensor.dtype,

@@ -211,10 +211,10 @@ public final class TeacherStudentTrainer {
         } else {
             out.loss.backward()
         }
-        Gradients.clipPerParameter(clipped, maxNorm: c.clipGradient)
+        Gradients.clipPerParameter(parameters: clipped, maxNorm: c.clipGradient)
         if epoch < c.freezeLastLayerEpochs { networks.studentHead.cancelLastLayerGradients() }
         optimizer.step()
-        for (teacher, student) in emaPairs { emaUpdate(teacher: teacher, student: student, momentum: momentumSchedule[it]) }
+        for (teacher, student) in emaPairs { emaUpdate(teacherParameters: teacher, studentParameters: student, momentum: momentumSchedule[it]) }
         step += 1
         return log
     }
