@@ -92,7 +92,6 @@ func coalesce(_ shape: [Int], _ strides: [[Int]]) -> ([Int], [[Int]]) {
 @inline(__always)
 func forEachRun(_ shape: [Int], _ strides: [[Int]],
                 _ body: (UnsafeMutableBufferPointer<Int>, UnsafeMutableBufferPointer<Int>, Int) -> Void) {
-    if shapeCount(shape) == 0 { return }
     let (s, st) = coalesce(shape, strides)
     forEachCoalescedRun(s, st, body)
 }

@@ -206,8 +206,7 @@ public struct ModelOptions: ParsableArguments {
                     throw ValidationError("--patch-size \(patchSize) does not divide the \(v.imageSize)-pixel images")
                 }
                 v.patchSize = patchSize
-                let local = Swift.max(patchSize, (v.imageSize / 2) / patchSize * patchSize)
-                c.augmentation.localSize = local
+                c.augmentation.localSize = DINOConfiguration.localCropSize(imageSize: v.imageSize, tokenSize: patchSize)
             }
             if let dropPath {
                 guard dropPath.isFinite && (0..<1).contains(dropPath) else { throw ValidationError("--drop-path must lie in [0, 1), not \(dropPath)") }
@@ -556,8 +555,6 @@ struct Ablation: ParsableCommand {
     @Flag(help: "Skip the linear probe of each run.")
     var noLinearProbe = false
 
-    typealias Cell = AblationCell
-
     func run() throws {
         try common.apply()
         guard budgetEpochs >= 1 else { throw ValidationError("--budget-epochs must be at least 1, not \(budgetEpochs)") }
@@ -570,42 +567,37 @@ struct Ablation: ParsableCommand {
         try common.makeOutput()
         var records: [RunRecord] = []
         var rows: [String] = []
-        var prototypes = 0
-        for normalized in [true, false] {
-            for vmf in [false, true] {
-                for probability in [false, true] {
-                    var cells: [Cell] = []
-                    for seed in seedList {
-                        var m = model
-                        (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
-                        m.epochs = budgetEpochs
-                        m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
-                        let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: seed,
-                                                         mixedPolarity: data.isBuiltin)
-                        prototypes = config.prototypes
-                        var name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
-                        if seedList.count > 1 { name += " seed=\(seed)" }
-                        print("== \(name)")
-                        let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: evaluator,
-                                                      output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
-                        session.evaluateEvery = Swift.max(1, budgetEpochs)
-                        session.linearProbe = !noLinearProbe
-                        let outcome = try runStoppable(session)
-                        if outcome.interrupted { throw ExitCode(130) }
-                        var record = session.record
-                        record.name = name
-                        records.append(record)
-                        let r = outcome.report
-                        let collapsed = r.map { $0.utilization <= 1 } ?? true
-                        cells.append(Cell(knn: r?.knn, probe: r?.linearProbe, utilization: r?.utilization ?? 0, norms: r?.prototypeNorms,
+        let grid = [true, false].flatMap { normalized in [false, true].flatMap { vmf in [false, true].map { (normalized, vmf, $0) } } }
+        for (normalized, vmf, probability) in grid {
+            var cells: [AblationCell] = []
+            for seed in seedList {
+                var m = model
+                (m.normalizedPrototypes, m.vmfNormalization, m.centering) = (normalized, vmf, probability ? .probability : .logit)
+                m.epochs = budgetEpochs
+                m.warmupEpochs = m.warmupEpochs.map { Swift.min($0, budgetEpochs) }
+                let config = try m.configuration(imageSize: train.height, channels: train.channels, seed: seed,
+                                                 mixedPolarity: data.isBuiltin)
+                var name = "norm-protos=\(normalized) vmf=\(vmf) prob-center=\(probability)"
+                if seedList.count > 1 { name += " seed=\(seed)" }
+                print("== \(name)")
+                let session = TrainingSession(trainer: try makeTrainer(config, train), evaluator: evaluator,
+                                              output: common.output + "/" + name.replacingOccurrences(of: " ", with: "_"))
+                session.evaluateEvery = Swift.max(1, budgetEpochs)
+                session.linearProbe = !noLinearProbe
+                let outcome = try runStoppable(session)
+                if outcome.interrupted { throw ExitCode(130) }
+                var record = session.record
+                record.name = name
+                records.append(record)
+                let r = outcome.report
+                let collapsed = r.map { $0.utilization <= 1 } ?? true
+                cells.append(AblationCell(knn: r?.knn, probe: r?.linearProbe, utilization: r?.utilization ?? 0, norms: r?.prototypeNorms,
                                           state: outcome.diverged ? "NaN" : (collapsed ? "collapsed" : "stable")))
-                    }
-                    rows.append(Self.row(normalized: normalized, vmf: vmf, probability: probability, cells))
-                }
             }
+            rows.append(Self.row(normalized: normalized, vmf: vmf, probability: probability, cells))
         }
         let seedsNote = seedList.count > 1 ? " (seeds \(seedList.map(String.init).joined(separator: " / ")))" : ""
-        print("\n\(budgetEpochs) epochs per run, K = \(prototypes)\(seedsNote):\n")
+        print("\n\(budgetEpochs) epochs per run, K = \(model.prototypes ?? DINOConfiguration().prototypes)\(seedsNote):\n")
         print("| normalized prototypes | vMF normalization | probability centering | kNN | linear probe | prototypes used | ‖w_k‖ min–max | run |")
         print("|---|---|---|---:|---:|---:|---:|---|")
         for r in rows { print(r) }
@@ -616,9 +608,9 @@ struct Ablation: ParsableCommand {
     }
 
     /// A Markdown row: each figure once per seed, separated by " / ".
-    static func row(normalized: Bool, vmf: Bool, probability: Bool, _ cells: [Cell]) -> String {
+    static func row(normalized: Bool, vmf: Bool, probability: Bool, _ cells: [AblationCell]) -> String {
         func percent(_ x: Double?) -> String { x.map { String(format: "%.2f", 100 * $0) } ?? "–" }
-        func each(_ f: (Cell) -> String) -> String { cells.map(f).joined(separator: " / ") }
+        func each(_ f: (AblationCell) -> String) -> String { cells.map(f).joined(separator: " / ") }
         let knn = each { percent($0.knn) } + "%"
         let probe = cells.contains { $0.probe != nil } ? each { percent($0.probe) } + "%" : "–"
         let used = each { "\($0.utilization)" }

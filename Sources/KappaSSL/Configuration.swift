@@ -232,9 +232,17 @@ extension DINOConfiguration {
         }
         c.augmentation.globalSize = imageSize
         let tokenSize = kind == .vitConv ? 4 : (kind == .resnet ? 0 : patch)
-        c.augmentation.localSize = tokenSize > 0 ? Swift.max(tokenSize, (imageSize / 2) / tokenSize * tokenSize) : imageSize / 2
+        c.augmentation.localSize = localCropSize(imageSize: imageSize, tokenSize: tokenSize)
         c.augmentation.invertProbability = mixedPolarity ? 0.5 : 0
         return c
+    }
+}
+
+extension DINOConfiguration {
+    /// The side of a local crop: half the image, rounded down to a whole number of ViT tokens
+    /// of `tokenSize` pixels (at least one token); half the image for a ResNet (`tokenSize` 0).
+    public static func localCropSize(imageSize: Int, tokenSize: Int) -> Int {
+        tokenSize > 0 ? Swift.max(tokenSize, (imageSize / 2) / tokenSize * tokenSize) : imageSize / 2
     }
 }
 

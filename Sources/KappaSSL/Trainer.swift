@@ -90,10 +90,11 @@ public final class TeacherStudentTrainer {
     /// With several processes: the averager of the trained parameters' gradients (their
     /// tensors stay the same objects for the trainer's life; checkpoints load into them).
     let averager: GradientAverager?
-    /// The parameters clipped every step (student, head, the objective's module) and the
-    /// teacher–student pairs of the EMA, collected once for the same reason.
-    let clipped: [(name: String, tensor: Tensor)]
-    let emaPairs: [(teacher: [(name: String, tensor: Tensor)], student: [(name: String, tensor: Tensor)])]
+    /// The trained parameters (student, head, the objective's module), clipped and averaged
+    /// every step, and the teacher's and student's parameters of the EMA (backbone then head),
+    /// collected once for the same reason.
+    let trained: [(name: String, tensor: Tensor)]
+    let emaTeacher: [(name: String, tensor: Tensor)], emaStudent: [(name: String, tensor: Tensor)]
 
     /// The student backbone.
     public var student: FeatureEncoder { networks.student }
@@ -141,21 +142,21 @@ public final class TeacherStudentTrainer {
         networks = TeacherStudentNetworks(student: student, studentHead: studentHead, teacher: teacher, teacherHead: teacherHead)
         self.objective = objective ?? c.makeObjective()
         do { try self.objective.check(networks) } catch { throw TrainerError("\(error)") }
+        trained = student.namedParameters() + studentHead.namedParameters() + (self.objective.module?.namedParameters() ?? [])
+        emaTeacher = teacher.namedParameters() + teacherHead.namedParameters()
+        emaStudent = student.namedParameters() + studentHead.namedParameters()
         if processes > 1 {
             // Every process starts from rank 0's weights (they agree already: same seed).
             Distributed.broadcast(student.stateDict().map(\.tensor) + studentHead.stateDict().map(\.tensor)
                                   + teacher.stateDict().map(\.tensor) + teacherHead.stateDict().map(\.tensor)
                                   + (self.objective.module?.stateDict().map(\.tensor) ?? []))
-            averager = GradientAverager(parameters: student.parameters + studentHead.parameters
-                                        + (self.objective.module?.parameters ?? []))
+            averager = GradientAverager(parameters: trained.map(\.tensor))
             let sync = c.synchronizeBatchNorm ?? true
             for m in [student, studentHead, teacher, teacherHead] as [Module] { m.synchronizeBatchNorm(sync) }
             self.objective.module?.synchronizeBatchNorm(sync)
         } else {
             averager = nil
         }
-        clipped = student.namedParameters() + studentHead.namedParameters() + (self.objective.module?.namedParameters() ?? [])
-        emaPairs = [(teacher.namedParameters(), student.namedParameters()), (teacherHead.namedParameters(), studentHead.namedParameters())]
         let lr = c.baseLearningRate * Double(c.batchSize * processes) / 256
         optimizer = AdamW(groups: ParameterGroup.dinoGroups(student, learningRate: lr, weightDecay: c.weightDecay, prefix: "backbone.")
                           + ParameterGroup.dinoGroups(studentHead, learningRate: lr, weightDecay: c.weightDecay,
@@ -211,10 +212,10 @@ public final class TeacherStudentTrainer {
         } else {
             out.loss.backward()
         }
-        Gradients.clipPerParameter(parameters: clipped, maxNorm: c.clipGradient)
+        Gradients.clipPerParameter(parameters: trained, maxNorm: c.clipGradient)
         if epoch < c.freezeLastLayerEpochs { networks.studentHead.cancelLastLayerGradients() }
         optimizer.step()
-        for (teacher, student) in emaPairs { emaUpdate(teacherParameters: teacher, studentParameters: student, momentum: momentumSchedule[it]) }
+        emaUpdate(teacherParameters: emaTeacher, studentParameters: emaStudent, momentum: momentumSchedule[it])
         step += 1
         return log
     }
