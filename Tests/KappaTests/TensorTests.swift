@@ -386,6 +386,15 @@ struct FastMathTests {
         d64.gelu().sum().backward()
         let derivativeError = zip(d.grad!.scalars(as: Double.self), d64.grad!.scalars(as: Double.self)).map { Swift.abs($0 - $1) }.max()!
         #expect(derivativeError < 1e-6, "GELU′ Float32 error \(derivativeError)")
+        // The kernel's fast path (|x| ≤ 4) and its erfc form beyond, mixed in one block, and
+        // the values no polynomial covers.
+        let mixed: [Float] = [.nan, .infinity, -.infinity, 100, -100, 4, -4, 4.0001, -4.0001, 0, 1, -1, -6, 6]
+        let mixedValues = Tensor(mixed).gelu().scalars(as: Float.self)
+        let mixed64 = Tensor(mixed.map(Double.init)).gelu().scalars(as: Double.self)
+        #expect(mixedValues[0].isNaN && mixedValues[1] == .infinity && mixedValues[3] == 100 && mixedValues[4] == 0)
+        for i in 5..<mixed.count {
+            #expect(Swift.abs(Double(mixedValues[i]) - mixed64[i]) <= 5e-6 * Swift.abs(mixed64[i]), "GELU Float32 at \(mixed[i])")
+        }
         // Softmax keeps NaN visible instead of hiding it.
         #expect(Tensor([Float(1), .nan, 2]).softmax().scalars(as: Float.self).allSatisfy { $0.isNaN })
     }

@@ -129,9 +129,11 @@ enum ReLU: UnaryFunction {
         backward: { g, x, _, gx, n, _, _ in kappa_relu_backward_f32(g, x, gx, n) })
 }
 /// x·Φ(x) with Φ the standard normal CDF (the exact GELU), Φ(x) = erfc(−x/√2)/2 so that
-/// the lower tail keeps its relative accuracy. Float32 uses the vectorizable
-/// ``fastNormalCDF(_:)`` (relative error within 5·10⁻⁶ for |x| ≤ 5 and 5·10⁻⁵ further
-/// into the lower tail, tested against the Double form).
+/// the lower tail keeps its relative accuracy. Float32 (relative error within 5·10⁻⁶ for
+/// |x| ≤ 5 and 5·10⁻⁵ further into the lower tail, tested against the Double form): the C
+/// kernel takes Φ(−|x|) = e^{log Q(|x|) − x²/2} for |x| ≤ 4, with Q(t) = e^{t²/2}Φ(−t) a
+/// fitted polynomial (`Scripts/gelu_polynomial.py`), and the vectorizable erfc form of
+/// ``fastNormalCDF(_:)`` beyond; strided operands use ``fastNormalCDF(_:)`` throughout.
 enum GELU: UnaryFunction {
     @inline(__always) static func value<T: TensorScalar>(_ x: T, _ a: T, _ b: T) -> T {
         if T.self == Float.self {
