@@ -97,21 +97,29 @@ func forEachRun(_ shape: [Int], _ strides: [[Int]],
 }
 
 /// ``forEachRun(_:_:_:)`` over a shape and strides that ``coalesce(_:_:)`` has already
-/// merged: allocates nothing, so a caller that walks many sub-blocks of one layout (the rows
-/// of a split loop) coalesces once.
+/// merged, each operand starting at `origin` (0 by default): allocates nothing, so a caller
+/// that walks many sub-blocks of one layout (the row blocks of a split loop) coalesces once.
 @inline(__always)
-func forEachCoalescedRun(_ s: [Int], _ st: [[Int]],
+func forEachCoalescedRun(_ s: [Int], _ st: [[Int]], origin: [Int]? = nil,
                          _ body: (UnsafeMutableBufferPointer<Int>, UnsafeMutableBufferPointer<Int>, Int) -> Void) {
     let total = shapeCount(s)
     if total == 0 { return }
     let rank = s.count, k = st.count
     let inner = s[rank - 1]
-    withUnsafeTemporaryAllocation(of: Int.self, capacity: 2 * k + rank) { buf in
+    // The strides are copied into the temporary buffer ([d][j], d-major) and the shape too: indexing
+    // the nested arrays in the loop retained and released an inner array on every run.
+    withUnsafeTemporaryAllocation(of: Int.self, capacity: 2 * k + 2 * rank + k * rank) { buf in
         let offsets = UnsafeMutableBufferPointer(rebasing: buf[0..<k])
         let steps = UnsafeMutableBufferPointer(rebasing: buf[k..<(2 * k)])
         let index = UnsafeMutableBufferPointer(rebasing: buf[(2 * k)..<(2 * k + rank)])
-        for j in 0..<k { offsets[j] = 0; steps[j] = st[j][rank - 1] }
-        for j in 0..<rank { index[j] = 0 }
+        let extent = UnsafeMutableBufferPointer(rebasing: buf[(2 * k + rank)..<(2 * k + 2 * rank)])
+        let stride = UnsafeMutableBufferPointer(rebasing: buf[(2 * k + 2 * rank)...])
+        for j in 0..<k {
+            offsets[j] = origin?[j] ?? 0
+            steps[j] = st[j][rank - 1]
+            for d in 0..<rank { stride[d * k + j] = st[j][d] }
+        }
+        for d in 0..<rank { index[d] = 0; extent[d] = s[d] }
         var done = 0
         while done < total {
             body(offsets, steps, inner)
@@ -120,9 +128,9 @@ func forEachCoalescedRun(_ s: [Int], _ st: [[Int]],
             var d = rank - 2
             while d >= 0 {
                 index[d] += 1
-                for j in 0..<k { offsets[j] += st[j][d] }
-                if index[d] < s[d] { break }
-                for j in 0..<k { offsets[j] -= st[j][d] * s[d] }
+                for j in 0..<k { offsets[j] += stride[d * k + j] }
+                if index[d] < extent[d] { break }
+                for j in 0..<k { offsets[j] -= stride[d * k + j] * extent[d] }
                 index[d] = 0
                 d -= 1
             }

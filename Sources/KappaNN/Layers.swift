@@ -35,12 +35,9 @@ public final class Linear: Module {
     public func callAsFunction(_ x: Tensor) -> Tensor {
         precondition(x.shape.last == weight.shape[1],
                      "Linear: input \(x.shape) does not end in \(weight.shape[1]) features (weight \(weight.shape))")
-        // Batch dimensions are merged into rows so that forward and both gradients are one
-        // BLAS product each (Wᵀ is a transposed view: BLAS gets a transpose flag).
-        let rows = x.rank > 2 ? x.reshape([-1, weight.shape[1]]) : x
-        var y = rows.matmul(weight.transposed())
-        if let bias { y = y + bias }
-        return x.rank > 2 ? y.reshape(Array(x.shape.dropLast()) + [weight.shape[0]]) : y
+        // One op: batch dimensions merged into rows, so that forward and both gradients are one
+        // BLAS product each, and the bias written before the product is added to it.
+        return Tensor.linear(x, weight: weight, bias: bias)
     }
 }
 

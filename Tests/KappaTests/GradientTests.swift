@@ -177,6 +177,24 @@ struct GradientTests {
         }
     }
 
+    @Test func linear() {
+        // x·Wᵀ + b as one op: rows, a batch of rows, a single row, a transposed view, no bias;
+        // and equal to the product plus the broadcast bias.
+        let w = randn([3, 4], seed: 70), b = randn([3], seed: 71)
+        expectGradients([randn([5, 4], seed: 72), w, b]) { Tensor.linear($0[0], weight: $0[1], bias: $0[2]) }
+        expectGradients([randn([2, 3, 4], seed: 73), w, b]) { Tensor.linear($0[0], weight: $0[1], bias: $0[2]) }
+        expectGradients([randn([4], seed: 74), w, b]) { Tensor.linear($0[0], weight: $0[1], bias: $0[2]) }
+        expectGradients([randn([4, 5], seed: 75).transposed(), randn([4, 3], seed: 76).transposed()]) {
+            Tensor.linear($0[0], weight: $0[1])
+        }
+        for dtype in [DType.float32, .float64] {
+            let x = randn([6, 4], seed: 77).to(dtype), w32 = w.to(dtype), b32 = b.to(dtype)
+            let fused = Tensor.linear(x, weight: w32, bias: b32).scalars(as: Double.self)
+            let composed = (x.matmul(w32.transposed()) + b32).scalars(as: Double.self)
+            #expect(zip(fused, composed).allSatisfy { Swift.abs($0 - $1) <= 1e-6 * Swift.max(1, Swift.abs($1)) })
+        }
+    }
+
     // MARK: Shape ops
 
     @Test func shapeOps() {

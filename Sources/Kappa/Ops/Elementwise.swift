@@ -426,18 +426,15 @@ func forEachRunSplit(_ shape: [Int], _ strides: [[Int]],
         forEachRun(shape, strides, body)
         return
     }
-    // The rows share one layout: coalesce it once, not once per row (each coalescing
-    // allocates its arrays).
+    // The rows share one layout: coalesce it once (each coalescing allocates its arrays), and
+    // walk each thread's block of rows as one layout whose first dimension is the block (a walk
+    // per row cost more than a row of 64 elements).
     let (inner, innerStrides) = coalesce(Array(shape.dropFirst()), strides.map { Array($0.dropFirst()) })
     let outer = strides.map { $0[0] }
     Parallel.forEach(shape[0], costPerItem: n / shape[0]) { r in
-        for i in r {
-            forEachCoalescedRun(inner, innerStrides) { off, step, m in
-                for k in 0..<outer.count { off[k] += i * outer[k] }
-                body(off, step, m)
-                for k in 0..<outer.count { off[k] -= i * outer[k] }
-            }
-        }
+        let blockShape = [r.count] + inner
+        let blockStrides = (0..<outer.count).map { [outer[$0]] + innerStrides[$0] }
+        forEachCoalescedRun(blockShape, blockStrides, origin: outer.map { $0 * r.lowerBound }, body)
     }
 }
 

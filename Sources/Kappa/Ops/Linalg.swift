@@ -57,20 +57,20 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
 /// own thread (OpenBLAS runs single-threaded; see ``Parallel/cores``).
 func parallelGemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                                    _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
-                                   _ c: UnsafeMutablePointer<T>, _ ldc: Int) {
+                                   _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0) {
     let cores = Parallel.cores  // first use sets OpenBLAS to one thread
     let chunks = m * n * k >= 1 << 21 ? Swift.min(cores, Swift.max(m, n) / 16) : 1
     if chunks <= 1 {
-        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta)
         return
     }
     Parallel.forEachChunk(chunks) { chunk in
         if m >= n {
             let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
-            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc)
+            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc, beta: beta)
         } else {
             let (j0, j1) = (n * chunk / chunks, n * (chunk + 1) / chunks)
-            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc)
+            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc, beta: beta)
         }
     }
 }
@@ -97,6 +97,40 @@ extension Tensor {
     /// `a.matmul(b)`.
     public static func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { a.matmul(b) }
 
+    /// x·Wᵀ + b over the last axis of `x` (PyTorch's `nn.functional.linear`), as one op: the
+    /// bias is written into the output first and the product added to it by BLAS, so the output
+    /// is written once instead of by a product and then a broadcast add.
+    /// - Parameters:
+    ///   - x: [..., in]; leading dimensions are merged into rows.
+    ///   - weight: [out, in].
+    ///   - bias: [out], or nil.
+    /// - Returns: [..., out]. Gradients: G·W for x, Gᵀ·x for W, G summed over rows for b.
+    public static func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
+        precondition(weight.rank == 2 && x.rank >= 1 && x.shape.last == weight.shape[1],
+                     "linear: input \(x.shape) does not end in the weight's \(weight.shape) input features")
+        let (outFeatures, inFeatures) = (weight.shape[0], weight.shape[1])
+        checkSameDType("linear", x, weight)
+        if let bias {
+            precondition(bias.shape == [outFeatures], "linear: bias \(bias.shape) is not [\(outFeatures)] (weight \(weight.shape))")
+            checkSameDType("linear", x, bias)
+        }
+        let rows = x.rank == 2 ? x : x.reshape([-1, inFeatures])
+        let out = Tensor(uninitialized: [rows.shape[0], outFeatures], dtype: x.dtype)
+        switch x.dtype {
+        case .float32: linearKernel(rows, weight, bias, out, Float.self)
+        case .float64: linearKernel(rows, weight, bias, out, Double.self)
+        }
+        var inputs = [rows, weight]
+        if let bias { inputs.append(bias) }
+        Tape.record("linear", inputs, out) { g in
+            var grads = [rows._requiresGrad ? g.matmul(weight) : nil,
+                         weight._requiresGrad ? g.transposed().matmul(rows) : nil]
+            if let bias { grads.append(bias._requiresGrad ? g.sum(alongAxis: 0) : nil) }
+            return grads
+        }
+        return x.rank == 2 ? out : out.reshape(Array(x.shape.dropLast()) + [outFeatures])
+    }
+
     private static func batchedMatmul(_ a: Tensor, _ b: Tensor) -> Tensor {
         checkSameDType("matmul", a, b)
         let (m, k) = (a.shape[a.rank - 2], a.shape[a.rank - 1])
@@ -119,11 +153,27 @@ extension Tensor {
     }
 }
 
+/// The forward of ``Tensor/linear(_:weight:bias:)``: each row of `out` [rows, out] set to the
+/// bias, then rows·Wᵀ added (beta = 1), or written (beta = 0) without a bias.
+private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ bias: Tensor?, _ out: Tensor, _: T.Type) {
+    let (m, n) = (out.shape[0], out.shape[1])
+    guard let bias else {
+        matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self)
+        return
+    }
+    let b = bias.isContiguous ? bias : bias.contiguousData()
+    let pb = b.pointer(T.self), po = out.pointer(T.self)
+    Parallel.forEach(m, costPerItem: n) { r in
+        for i in r { (po + i * n).update(from: pb, count: n) }
+    }
+    matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, beta: 1)
+}
+
 private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Tensor, _ batch: [Int],
-                                           _ m: Int, _ n: Int, _ k: Int, _: T.Type) {
+                                           _ m: Int, _ n: Int, _ k: Int, _: T.Type, beta: T = 0) {
     if m == 0 || n == 0 { return }
     if k == 0 {
-        out.pointer(T.self).update(repeating: 0, count: out.count)
+        if beta == 0 { out.pointer(T.self).update(repeating: 0, count: out.count) }
         return
     }
     func operand(_ t: Tensor) -> (Tensor, MatrixOperand) {
@@ -147,12 +197,12 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     if batchCount > 1 && bBatchStrides.allSatisfy({ $0 == 0 }) && !opA.transpose {
         let (s, st) = coalesce(batch + [m], [aBatchStrides + [a.strides[a.rank - 2]]])
         if s.count == 1 && st[0][0] == opA.ld {
-            parallelGemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+            parallelGemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta)
             return
         }
     }
     if batchCount == 1 {
-        parallelGemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n)
+        parallelGemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta)
         return
     }
     var offsets: [(a: Int, b: Int)] = []
@@ -167,12 +217,12 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     if chunks > 1 {
         Parallel.forEachChunk(chunks) { chunk in
             for c in (batchCount * chunk / chunks)..<(batchCount * (chunk + 1) / chunks) {
-                gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n)
+                gemm(opA.transpose, opB.transpose, m, n, k, pa + offsets[c].a, opA.ld, pb + offsets[c].b, opB.ld, pc + c * m * n, n, beta: beta)
             }
         }
     } else {
         for (c, o) in offsets.enumerated() {
-            parallelGemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n)
+            parallelGemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n, beta: beta)
         }
     }
 }
