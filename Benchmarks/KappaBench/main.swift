@@ -101,9 +101,20 @@ for n in [1 << 20, 1 << 24] {
     let softBoth = time(reps: reps) { (xg.softmax(alongAxis: 1) * gradOut).sum().backward() }
     let lnWeight = Tensor.ones([1024]).requiringGrad(), lnBias = Tensor.zeros([1024]).requiringGrad()
     let lnBoth = time(reps: reps) { (xg.layerNorm(weight: lnWeight, bias: lnBias, eps: 1e-6) * gradOut).sum().backward() }
+    // BatchNorm in training mode on [N, 16, 32, 32] images, running statistics updated.
+    let images = Tensor.randomNormal([n / (16 * 1024), 16, 32, 32], using: &rng).requiringGrad()
+    let imageGrad = gradOut.reshape([n / (16 * 1024), 16, 32, 32])
+    let bnWeight = Tensor.ones([16]).requiringGrad(), bnBias = Tensor.zeros([16]).requiringGrad()
+    let runningMean = Tensor.zeros([16]), runningVariance = Tensor.ones([16])
+    let bnBoth = time(reps: reps) {
+        (images.batchNorm(weight: bnWeight, bias: bnBias, runningMean: runningMean, runningVariance: runningVariance,
+                          training: true) * imageGrad).sum().backward()
+    }
     let label = n == 1 << 20 ? "1M" : "16M"
     for (name, t) in [("add", add), ("mul", mul), ("gelu", gelu), ("exp", exp), ("softmax", soft),
-                      ("softmax fwd+bwd", softBoth), ("layerNorm fwd+bwd", lnBoth)] { record("\(name) \(label)", t) }
+                      ("softmax fwd+bwd", softBoth), ("layerNorm fwd+bwd", lnBoth), ("batchNorm fwd+bwd", bnBoth)] {
+        record("\(name) \(label)", t)
+    }
     print(String(format: "  %8d: softmax forward + backward %.2f ms, LayerNorm (rows of 1024) forward + backward %.2f ms",
                  n, softBoth * 1e3, lnBoth * 1e3))
     print(String(format: "  %8d: add %6.1f GB/s, mul %6.1f GB/s, exp %6.1f GB/s, gelu %6.1f GB/s (%.2f ns/elem), softmax rows of 1024 %6.1f GB/s",

@@ -293,6 +293,13 @@ def main():
             w, bias = torch.ones(1024, requires_grad=True), torch.zeros(1024, requires_grad=True)
             record(f"layerNorm fwd+bwd {label}",
                    median_time(lambda: (F.layer_norm(xg, (1024,), w, bias, 1e-6) * go).sum().backward(), reps))
+            # BatchNorm in training mode on [N, 16, 32, 32] images, running statistics updated.
+            images, image_grad = torch.randn(n // (16 * 1024), 16, 32, 32, requires_grad=True), go.reshape(-1, 16, 32, 32)
+            bn_w, bn_b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+            running_mean, running_var = torch.zeros(16), torch.ones(16)
+            record(f"batchNorm fwd+bwd {label}",
+                   median_time(lambda: (F.batch_norm(images, running_mean, running_var, bn_w, bn_b, training=True,
+                                                     momentum=0.1, eps=1e-5) * image_grad).sum().backward(), reps))
     if wants("overhead"):
         x = torch.randn(16, requires_grad=True)
 
