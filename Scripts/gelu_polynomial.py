@@ -38,21 +38,33 @@ u = 2 * ts / T - 1
 u32 = (ts.astype(np.float32) * np.float32(2 / T) - np.float32(1)).astype(np.float32)
 
 
-def fit(target, degree, relative):
-    """Lawson's minimax fit in the Chebyshev basis; returns Float32 monomial coefficients in u
-    and the largest error in Float64 and in Float32 Horner evaluation."""
-    basis = np.polynomial.chebyshev.chebvander(u, degree)
-    scale = 1 / np.abs(target) if relative else np.ones_like(target)
-    weights = np.ones_like(ts)
+def lawson(basis, target, scale):
+    """Lawson's iteratively reweighted least squares: the coefficients (in `basis`) minimizing the
+    largest of |basis @ c - target| * scale, and those scaled residuals."""
+    weights = np.ones_like(target)
     for _ in range(40):
         c, *_ = np.linalg.lstsq(basis * (weights * scale)[:, None], weights * scale * target, rcond=None)
         residual = (basis @ c - target) * scale
         weights = np.maximum(weights * np.abs(residual), 1e-300)
         weights /= weights.max()
+    return c, residual
+
+
+def horner32(coefficients, x):
+    """The polynomial with these Float32 coefficients (increasing powers) at Float32 x, in Float32."""
+    acc = np.zeros_like(x)
+    for k in coefficients[::-1]:
+        acc = (acc * x + k).astype(np.float32)
+    return acc
+
+
+def fit(target, degree, relative):
+    """A minimax fit in the Chebyshev basis; returns Float32 monomial coefficients in u and the
+    largest error in Float64 and in Float32 Horner evaluation."""
+    scale = 1 / np.abs(target) if relative else np.ones_like(target)
+    c, residual = lawson(np.polynomial.chebyshev.chebvander(u, degree), target, scale)
     monomial = np.polynomial.chebyshev.cheb2poly(c).astype(np.float32)
-    acc = np.zeros_like(u32)
-    for k in monomial[::-1]:
-        acc = (acc * u32 + k).astype(np.float32)
+    acc = horner32(monomial, u32)
     return monomial, np.max(np.abs(residual)), np.max(np.abs((acc.astype(np.float64) - target) * scale))
 
 
@@ -63,20 +75,10 @@ def fit_exp(degree=3):
     rs = np.linspace(-half, half, POINTS)
     ex = np.array([float(mp.exp(mp.mpf(r))) for r in rs])
     target = np.array([float((mp.exp(mp.mpf(r)) - 1 - mp.mpf(r)) / mp.mpf(r) ** 2) if r != 0 else 0.5 for r in rs])
-    basis = np.vander(rs, degree + 1, increasing=True)
-    scale = rs**2 / ex
-    weights = np.ones_like(rs)
-    for _ in range(40):
-        c, *_ = np.linalg.lstsq(basis * (weights * scale)[:, None], weights * scale * target, rcond=None)
-        residual = (basis @ c - target) * scale
-        weights = np.maximum(weights * np.abs(residual), 1e-300)
-        weights /= weights.max()
+    c, _ = lawson(np.vander(rs, degree + 1, increasing=True), target, rs**2 / ex)
     c32 = c.astype(np.float32)
     r32 = rs.astype(np.float32)
-    acc = np.zeros_like(r32)
-    for k in c32[::-1]:
-        acc = (acc * r32 + k).astype(np.float32)
-    y = (acc * (r32 * r32) + r32 + np.float32(1)).astype(np.float32)
+    y = (horner32(c32, r32) * (r32 * r32) + r32 + np.float32(1)).astype(np.float32)
     return c32, np.max(np.abs(y - ex) / ex)
 
 
