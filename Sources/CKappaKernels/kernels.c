@@ -363,10 +363,10 @@ static inline float kappa_normal_cdf(float x) {
 KAPPA_CLONES void kappa_exp_f32(const float *restrict x, float *restrict y, long n) {
     for (long i = 0; i < n; i++) y[i] = kappa_expf(x[i]);
 }
-// e^a for a in [−87.3, 0] (the caller clamps; no NaN), for GELU's fast path: a = k·ln2 + r
-// with one FMA (the error of ln2 in Float32 times |k| stays below 3e-7 where the result is not
-// lost against 1, |a| ≤ 10.4), e^r = 1 + r + r²E(r) of degree 5 (gelu_polynomial.h), and 2^k in
-// one factor since k ≥ −126.
+// e^a for a ≤ 0, at least −87.3 (the caller clamps below; no NaN), for GELU's fast path:
+// a = k·ln2 + r with one FMA (ln2's Float32 rounding error, 1.9e-9, times |k| ≤ 15 where the
+// path's results are kept, |a| ≤ 10.4), e^r = 1 + r + r²E(r) of degree 5 (gelu_polynomial.h),
+// and 2^k in one factor since k ≥ −126.
 static inline float kappa_exp_nonpositive(float a) {
     float t = a * 1.442695041f + 12582912.0f;
     float k = t - 12582912.0f;

@@ -188,9 +188,9 @@ struct GradientTests {
             Tensor.linear($0[0], weight: $0[1])
         }
         for dtype in [DType.float32, .float64] {
-            let x = randn([6, 4], seed: 77).to(dtype), w32 = w.to(dtype), b32 = b.to(dtype)
-            let fused = Tensor.linear(x, weight: w32, bias: b32).scalars(as: Double.self)
-            let composed = (x.matmul(w32.transposed()) + b32).scalars(as: Double.self)
+            let x = randn([6, 4], seed: 77).to(dtype), wd = w.to(dtype), bd = b.to(dtype)
+            let fused = Tensor.linear(x, weight: wd, bias: bd).scalars(as: Double.self)
+            let composed = (x.matmul(wd.transposed()) + bd).scalars(as: Double.self)
             #expect(zip(fused, composed).allSatisfy { Swift.abs($0 - $1) <= 1e-6 * Swift.max(1, Swift.abs($1)) })
         }
     }
