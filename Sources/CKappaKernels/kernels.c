@@ -363,11 +363,12 @@ static inline float kappa_normal_cdf(float x) {
 KAPPA_CLONES void kappa_exp_f32(const float *restrict x, float *restrict y, long n) {
     for (long i = 0; i < n; i++) y[i] = kappa_expf(x[i]);
 }
-// e^a for a ≤ 0, at least −87.3 (the caller clamps below; no NaN), for GELU's fast path:
+// e^a for a ≤ 0 (held at −87.3 below, where NaN goes too), for GELU's fast path:
 // a = k·ln2 + r with one FMA (ln2's Float32 rounding error, 1.9e-9, times |k| ≤ 15 where the
 // path's results are kept, |a| ≤ 10.4), e^r = 1 + r + r²E(r) of degree 5 (gelu_polynomial.h),
 // and 2^k in one factor since k ≥ −126.
 static inline float kappa_exp_nonpositive(float a) {
+    a = a > -87.3f ? a : -87.3f;
     float t = a * 1.442695041f + 12582912.0f;
     float k = t - 12582912.0f;
     int32_t bits;
@@ -399,7 +400,7 @@ static inline float kappa_normal_cdf_fast(float x) {
     float l = kappa_gelu_log_q[8];
     for (int k = 7; k >= 0; k--) l = l * u + kappa_gelu_log_q[k];
     float a = l - 0.5f * x * x;
-    float lower = kappa_exp_nonpositive(a > -87.3f ? a : -87.3f);
+    float lower = kappa_exp_nonpositive(a);
     return x < 0 ? lower : 1 - lower;
 }
 // Φ(x) + x·φ(x) (GELU's derivative) with e = e^{−x²/2} shared: Φ(−t) = e·Q(t), φ = e/√(2π).
@@ -408,7 +409,7 @@ static inline float kappa_gelu_derivative_fast(float x) {
     float q = kappa_gelu_q[12];
     for (int k = 11; k >= 0; k--) q = q * u + kappa_gelu_q[k];
     float a = -0.5f * x * x;
-    float e = kappa_exp_nonpositive(a > -87.3f ? a : -87.3f);
+    float e = kappa_exp_nonpositive(a);
     float lower = e * q;
     return (x < 0 ? lower : 1 - lower) + x * e * 0.39894228040143267794f;
 }

@@ -142,9 +142,9 @@ public final class TeacherStudentTrainer {
         networks = TeacherStudentNetworks(student: student, studentHead: studentHead, teacher: teacher, teacherHead: teacherHead)
         self.objective = objective ?? c.makeObjective()
         do { try self.objective.check(networks) } catch { throw TrainerError("\(error)") }
-        trained = student.namedParameters() + studentHead.namedParameters() + (self.objective.module?.namedParameters() ?? [])
-        emaTeacher = teacher.namedParameters() + teacherHead.namedParameters()
         emaStudent = student.namedParameters() + studentHead.namedParameters()
+        emaTeacher = teacher.namedParameters() + teacherHead.namedParameters()
+        trained = emaStudent + (self.objective.module?.namedParameters() ?? [])
         if processes > 1 {
             // Every process starts from rank 0's weights (they agree already: same seed).
             Distributed.broadcast(student.stateDict().map(\.tensor) + studentHead.stateDict().map(\.tensor)

@@ -157,16 +157,14 @@ extension Tensor {
 /// bias, then rows·Wᵀ added (beta = 1), or written (beta = 0) without a bias.
 private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ bias: Tensor?, _ out: Tensor, _: T.Type) {
     let (m, n) = (out.shape[0], out.shape[1])
-    guard let bias else {
-        matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self)
-        return
+    if let bias {
+        let b = bias.isContiguous ? bias : bias.contiguousData()
+        let pb = b.pointer(T.self), po = out.pointer(T.self)
+        Parallel.forEach(m, costPerItem: n) { r in
+            for i in r { (po + i * n).update(from: pb, count: n) }
+        }
     }
-    let b = bias.isContiguous ? bias : bias.contiguousData()
-    let pb = b.pointer(T.self), po = out.pointer(T.self)
-    Parallel.forEach(m, costPerItem: n) { r in
-        for i in r { (po + i * n).update(from: pb, count: n) }
-    }
-    matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, beta: 1)
+    matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, beta: bias == nil ? 0 : 1)
 }
 
 private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Tensor, _ batch: [Int],
