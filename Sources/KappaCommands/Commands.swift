@@ -224,7 +224,7 @@ public struct ModelOptions: ParsableArguments {
         if let weightDecayEnd { c.weightDecayEnd = weightDecayEnd }
         if noDecayOnNorms { c.decayPrototypeScale = false }
         if let teacherMomentum { c.teacherMomentum = teacherMomentum }
-        if let clipGrad { c.clipGradient = clipGrad > 0 ? clipGrad : .infinity }
+        if let clipGrad { c.clipGradient = clipGrad }
         if let freezeLastLayer { c.freezeLastLayerEpochs = freezeLastLayer }
         if let studentTemp { c.loss.studentTemperature = studentTemp }
         if let teacherTemp { c.loss.teacherTemperature = teacherTemp }
@@ -287,7 +287,7 @@ public struct ModelOptions: ParsableArguments {
         for (value, name) in [(c.minLearningRate, "--min-lr"), (c.weightDecay, "--weight-decay"), (c.weightDecayEnd, "--weight-decay-end")] {
             try check(value.isFinite && value >= 0, "\(name) must be a number of at least 0, not \(value)")
         }
-        try check(c.clipGradient > 0, "--clip-grad must not be negative (0 disables clipping)")
+        try check(c.clipGradient.isFinite && c.clipGradient >= 0, "--clip-grad must be a number of at least 0 (0 disables clipping), not \(c.clipGradient)")
         for (value, name) in [(c.teacherMomentum, "--teacher-momentum"), (c.loss.centerMomentum, "--center-momentum"),
                               (c.augmentation.invertProbability, "--invert-probability"), (c.augmentation.translation, "--translation"),
                               (c.augmentation.noiseStd, "--noise")] {

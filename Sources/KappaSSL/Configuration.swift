@@ -89,7 +89,8 @@ public struct DINOConfiguration: Codable, Sendable, Equatable {
     /// The momentum the cosine schedule ends at; nil is DINO's 1. Equal to ``teacherMomentum``
     /// for a constant EMA (the benchmark steps).
     public var teacherMomentumEnd: Double?
-    /// Per-parameter gradient clipping norm (DINO: 3; infinity disables).
+    /// Per-parameter gradient clipping norm (DINO: 3; 0 disables, as DINO's `--clip_grad 0`).
+    /// A finite number, so that the configuration saved with a run is valid JSON.
     public var clipGradient = 3.0
     /// Epochs during which the head's last layer gets no gradient (DINO's `freeze_last_layer`, 1).
     public var freezeLastLayerEpochs = 1

@@ -212,7 +212,7 @@ public final class TeacherStudentTrainer {
         } else {
             out.loss.backward()
         }
-        Gradients.clipPerParameter(parameters: trained, maxNorm: c.clipGradient)
+        if c.clipGradient > 0 { Gradients.clipPerParameter(parameters: trained, maxNorm: c.clipGradient) }
         if epoch < c.freezeLastLayerEpochs { networks.studentHead.cancelLastLayerGradients() }
         optimizer.step()
         emaUpdate(teacherParameters: emaTeacher, studentParameters: emaStudent, momentum: momentumSchedule[it])

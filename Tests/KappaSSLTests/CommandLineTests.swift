@@ -1,3 +1,4 @@
+import Foundation
 import KappaSSL
 import Testing
 @testable import KappaCommands
@@ -51,5 +52,26 @@ struct CommandLineTests {
         #expect(short.epochs == 1 && short.warmupEpochs == 1)
         #expect(throws: (any Error).self) { try ModelOptions.parse(["--epochs", "1", "--warmup-epochs", "2"]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false) }
         #expect(throws: (any Error).self) { try ModelOptions.parse(["--lr", "inf"]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false) }
+    }
+
+    /// `--clip-grad 0` (no clipping) once became an infinite norm in the configuration, which
+    /// JSON cannot hold: the run trained, then failed at its first checkpoint.
+    @Test func noClippingIsSavedWithTheRun() throws {
+        func parsed(_ value: String) throws -> DINOConfiguration {
+            try ModelOptions.parse(["--clip-grad", value]).configuration(imageSize: 28, channels: 1, seed: 0, mixedPolarity: false)
+        }
+        #expect(try parsed("0").clipGradient == 0)
+        for bad in ["-1", "inf", "nan"] { #expect(throws: (any Error).self, "\(bad)") { try parsed(bad) } }
+
+        var c = tinyConfiguration()
+        c.clipGradient = 0
+        let trainer = try TeacherStudentTrainer(configuration: c, train: ShapesDataset.make(count: 32, size: 16, seed: 3))
+        var losses: [Double] = []
+        trainer.trainEpoch { losses.append($0.loss) }
+        #expect(losses.count == 2 && losses.allSatisfy(\.isFinite))
+        let url = URL(fileURLWithPath: NSTemporaryDirectory() + "kappa-noclip-\(UUID().uuidString).safetensors")
+        defer { try? FileManager.default.removeItem(at: url) }
+        try RunCheckpoint.save(trainer, to: url)
+        #expect(try RunCheckpoint.configuration(in: url) == c)
     }
 }
