@@ -474,8 +474,49 @@ KAPPA_CLONES void kappa_binary_f32(int op, const float *restrict a, const float 
 
 // MARK: Rows: softmax, log-softmax, LayerNorm (Float32)
 
+// Rows shorter than a few vectors (attention over 5 or 17 tokens) leave the row loops below
+// scalar; 16 such rows at a time go through a transposed block instead, one row per lane.
+#define KAPPA_SHORT_ROW 32
+#define KAPPA_ROW_LANES 16
+static inline __attribute__((always_inline)) void kappa_softmax_short_rows_f32(const float *x, float *y, long rows, long d, int log) {
+    float t[KAPPA_SHORT_ROW][KAPPA_ROW_LANES];
+    for (long r0 = 0; r0 + KAPPA_ROW_LANES <= rows; r0 += KAPPA_ROW_LANES) {
+        for (long l = 0; l < KAPPA_ROW_LANES; l++)
+            for (long j = 0; j < d; j++) t[j][l] = x[(r0 + l) * d + j];
+        float m[KAPPA_ROW_LANES], s[KAPPA_ROW_LANES];
+        for (long l = 0; l < KAPPA_ROW_LANES; l++) { m[l] = -__builtin_inff(); s[l] = 0; }
+        for (long j = 0; j < d; j++)
+            for (long l = 0; l < KAPPA_ROW_LANES; l++) m[l] = __builtin_fmaxf(m[l], t[j][l]);
+        for (long l = 0; l < KAPPA_ROW_LANES; l++) if (m[l] == -__builtin_inff()) m[l] = 0;
+        if (log) {
+            for (long j = 0; j < d; j++)
+                for (long l = 0; l < KAPPA_ROW_LANES; l++) s[l] += kappa_expf(t[j][l] - m[l]);
+            for (long l = 0; l < KAPPA_ROW_LANES; l++) m[l] += __builtin_logf(s[l]);
+            for (long j = 0; j < d; j++)
+                for (long l = 0; l < KAPPA_ROW_LANES; l++) t[j][l] -= m[l];
+        } else {
+            for (long j = 0; j < d; j++)
+                for (long l = 0; l < KAPPA_ROW_LANES; l++) {
+                    float e = kappa_expf(t[j][l] - m[l]);
+                    t[j][l] = e;
+                    s[l] += e;
+                }
+            for (long l = 0; l < KAPPA_ROW_LANES; l++) s[l] = 1 / s[l];
+            for (long j = 0; j < d; j++)
+                for (long l = 0; l < KAPPA_ROW_LANES; l++) t[j][l] *= s[l];
+        }
+        for (long l = 0; l < KAPPA_ROW_LANES; l++)
+            for (long j = 0; j < d; j++) y[(r0 + l) * d + j] = t[j][l];
+    }
+}
+
 KAPPA_CLONES void kappa_softmax_rows_f32(const float *x, float *y, long rows, long d, int log) {
     _Pragma("clang fp reassociate(on)")
+    if (d <= KAPPA_SHORT_ROW && rows >= KAPPA_ROW_LANES) {
+        long blocked = rows / KAPPA_ROW_LANES * KAPPA_ROW_LANES;
+        kappa_softmax_short_rows_f32(x, y, blocked, d, log);
+        x += blocked * d; y += blocked * d; rows -= blocked;
+    }
     for (long r = 0; r < rows; r++) {
         const float *restrict xr = x + r * d;
         float *restrict yr = y + r * d;

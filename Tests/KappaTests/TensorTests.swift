@@ -398,4 +398,33 @@ struct FastMathTests {
         // Softmax keeps NaN visible instead of hiding it.
         #expect(Tensor([Float(1), .nan, 2]).softmax().scalars(as: Float.self).allSatisfy { $0.isNaN })
     }
+
+    /// Short rows (attention over a few tokens) take the kernel's transposed path 16 rows at a
+    /// time and the row loop for the rest: both must agree with each other and with Float64.
+    @Test func softmaxOfShortRowsMatchesFloat64() {
+        var g = RandomGenerator(seed: 11)
+        for d in [1, 2, 5, 17, 32, 33] {
+            let rows = 37  // two blocks of 16 and five rows left over
+            var x = (0..<(rows * d)).map { _ in Float(g.nextNormal() * 4) }
+            // Row 3 (in a block) and row 35 (left over) are equal, with −∞ and a NaN in others.
+            for j in 0..<d { x[35 * d + j] = x[3 * d + j] }
+            for j in 0..<d { x[5 * d + j] = -.infinity; x[36 * d + j] = -.infinity }
+            x[7 * d] = .nan
+            if d > 1 { x[9 * d + 1] = -.infinity }
+            let t = Tensor(x, shape: [rows, d]), t64 = Tensor(x.map(Double.init), shape: [rows, d])
+            for log in [false, true] {
+                let y = (log ? t.logSoftmax(alongAxis: 1) : t.softmax(alongAxis: 1)).scalars(as: Float.self)
+                let y64 = (log ? t64.logSoftmax(alongAxis: 1) : t64.softmax(alongAxis: 1)).scalars(as: Double.self)
+                for i in 0..<(rows * d) {
+                    if y64[i].isNaN || y64[i].isInfinite {
+                        #expect(y[i].isNaN == y64[i].isNaN && (y64[i].isNaN || y[i] == Float(y64[i])), "d \(d) log \(log) at \(i): \(y[i]) against \(y64[i])")
+                    } else {
+                        #expect(Swift.abs(Double(y[i]) - y64[i]) <= 2e-6 * Swift.max(1, Swift.abs(y64[i])), "d \(d) log \(log) at \(i): \(y[i]) against \(y64[i])")
+                    }
+                }
+                #expect(Array(y[(3 * d)..<(4 * d)]) == Array(y[(35 * d)..<(36 * d)]), "d \(d) log \(log): block and row loop differ")
+                #expect(y[(5 * d)..<(6 * d)].allSatisfy(\.isNaN) == y[(36 * d)..<(37 * d)].allSatisfy(\.isNaN))
+            }
+        }
+    }
 }
