@@ -338,6 +338,21 @@ struct GradientTests {
         (f32 * gout.to(.float32)).sum().backward()
         (f64 * gout).sum().backward()
         expectClose(q32.grad!.doubles, q64.grad!.doubles, tol: 1e-5)
+        // More pairs than one softmax call takes (5 tokens: 51 pairs a call; 17 tokens: 15),
+        // so that the pairs go in several groups and the Float32 kernel takes its short-row
+        // path: against the composition in Float64 and against Float64 in Float32.
+        for (images, tokens) in [(60, 5), (8, 17)] {
+            let x = randn([images, tokens, 12], seed: 95)
+            let parts = x.reshape([images, tokens, 3, 2, 2]).permuted([2, 0, 3, 1, 4])
+            let p = (parts[0].matmul(parts[1].transposed()) * 0.7).softmax(alongAxis: -1)
+            let plain = p.matmul(parts[2]).transposed(1, 2).reshape([images, tokens, 4])
+            let (fused, attention) = x.selfAttention(heads: 2, scale: 0.7)
+            expectClose(fused.doubles, plain.doubles, tol: 1e-14)
+            expectClose(attention.doubles, p.doubles, tol: 1e-15)
+            let (fused32, attention32) = x.to(.float32).selfAttention(heads: 2, scale: 0.7)
+            expectClose(fused32.doubles, plain.doubles, tol: 1e-6)
+            expectClose(attention32.doubles, p.doubles, tol: 1e-6)
+        }
     }
 
     @Test func pooling() {

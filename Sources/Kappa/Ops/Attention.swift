@@ -112,13 +112,21 @@ private func attentionForward<T: TensorScalar>(_ x: Tensor, _ out: Tensor, _ pro
                                                _: T.Type) {
     let px = x.pointer(T.self), po = out.pointer(T.self), pp = probabilities.pointer(T.self)
     let (n, d, dh, ld) = (g.n, g.d, g.dh, 3 * g.d)
-    forEachPairChunk(g, scratch: n * n, T.self) { pairs, scores in
-        for i in pairs {
-            let q = px + g.qkvOffset(i), k = q + d, v = q + 2 * d
-            let p = pp + i * n * n
-            gemm(false, true, n, n, dh, q, ld, k, ld, scores, n, alpha: T(g.scale))
-            softmaxRows(scores, p, rows: n, n)
-            gemm(false, false, n, dh, n, p, n, v, ld, po + g.outOffset(i), d)
+    // Over few tokens, the scores of several pairs go through one softmax call (their
+    // probabilities are adjacent), so that its kernel has enough short rows to vectorize.
+    let group = n <= 32 ? Swift.max(1, 256 / n) : 1
+    forEachPairChunk(g, scratch: group * n * n, T.self) { pairs, scores in
+        for first in stride(from: pairs.lowerBound, to: pairs.upperBound, by: group) {
+            let last = Swift.min(first + group, pairs.upperBound)
+            for i in first..<last {
+                let q = px + g.qkvOffset(i), k = q + d
+                gemm(false, true, n, n, dh, q, ld, k, ld, scores + (i - first) * n * n, n, alpha: T(g.scale))
+            }
+            softmaxRows(scores, pp + first * n * n, rows: (last - first) * n, n)
+            for i in first..<last {
+                let v = px + g.qkvOffset(i) + 2 * d
+                gemm(false, false, n, dh, n, pp + i * n * n, n, v, ld, po + g.outOffset(i), d)
+            }
         }
     }
 }
