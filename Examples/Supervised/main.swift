@@ -43,7 +43,7 @@ struct Supervised: ParsableCommand {
         abstract: "Train DINOvMF's backbone with labels on the built-in shapes (or --data) and report kNN accuracy each epoch.")
 
     @OptionGroup var data: DataOptions
-    @Option(help: "resnet (width 8, DINOvMF's default), vit-micro (64 wide, 4 deep, patch 7) or vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem).")
+    @Option(help: "resnet (width 8, DINOvMF's default), vit-micro (64 wide, 4 deep, patch 7), vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem) or vit-stem (vit-micro with its patches cut from a 3×3 convolution's 16 feature maps).")
     var backbone: BackbonePreset = .resnet
     @Option(help: "Epochs over the training images.")
     var epochs = 2
@@ -54,7 +54,7 @@ struct Supervised: ParsableCommand {
 
     func validate() throws {
         guard epochs >= 1, lr > 0, lr.isFinite, (threads ?? 1) >= 1 else { throw ValidationError("--epochs and --threads must be at least 1, --lr positive") }
-        guard [.resnet, .vitMicro, .vitConv].contains(backbone) else { throw ValidationError("--backbone must be resnet, vit-micro or vit-conv") }
+        guard [.resnet, .vitMicro, .vitConv, .vitStem].contains(backbone) else { throw ValidationError("--backbone must be resnet, vit-micro, vit-conv or vit-stem") }
     }
 
     func run() throws {
@@ -65,7 +65,7 @@ struct Supervised: ParsableCommand {
         // The preset's small-image views for this size (no inversion), global crops only.
         var c = try DINOConfiguration.preset(method: .dinoVMF, backbone: backbone, imageSize: train.height, channels: train.channels)
         c.augmentation.localCrops = 0
-        (c.epochs, c.warmupEpochs, c.freezeLastLayerEpochs, c.clipGradient) = (epochs, 0, 0, .infinity)
+        (c.epochs, c.warmupEpochs, c.freezeLastLayerEpochs, c.clipGradient) = (epochs, 0, 0, 0)
         (c.baseLearningRate, c.minLearningRate) = (lr * 256 / Double(c.batchSize), lr)
         (c.weightDecay, c.weightDecayEnd) = (0.01, 0.01)
         let objective = LabelObjective(features: c.backbone.featureCount,

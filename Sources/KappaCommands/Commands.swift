@@ -69,7 +69,7 @@ public struct ModelOptions: ParsableArguments {
     var centering: CenteringChoice?
     @Flag(help: "Use the exact Bessel normalizer instead of the paper's large-order approximation (slower, same results for p ≥ 64).")
     var exactNormalizer = false
-    @Option(help: "Backbone: resnet (ResNet-18 layout, --resnet-width), vit-micro (64 wide, 4 deep, 4 heads), vit-tiny (192, 12, 3), vit-small (384, 12, 6), vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones. Default: \(SSLMethod.dinoVMF.defaultBackbone.rawValue) for DINO, \(SSLMethod.ibotVMF.defaultBackbone.rawValue) for iBOT (masking needs patches).")
+    @Option(help: "Backbone: resnet (ResNet-18 layout, --resnet-width), vit-micro (64 wide, 4 deep, 4 heads), vit-tiny (192, 12, 3), vit-small (384, 12, 6), vit-conv (vit-micro's transformer on 4-pixel tokens from a convolutional stem), vit-stem (vit-micro with its patches cut from a 3×3 convolution's 16 feature maps). ViTs use patch 7 on 28-pixel images, 4 on 32-pixel ones. Default: \(SSLMethod.dinoVMF.defaultBackbone.rawValue) for DINO, \(SSLMethod.ibotVMF.defaultBackbone.rawValue) for iBOT (masking needs patches).")
     var backbone: BackbonePreset?
     @Option(help: "ResNet width (64 is ResNet-18's); small values train fast on two cores. Default: 8.")
     var resnetWidth: Int?

@@ -87,7 +87,7 @@ public enum CommandLineFuzz {
     /// The options of `train` with their kinds of values.
     static let trainOptions: [(String, [String])] = [
         ("--method", ["dino-vmf", "dino", "ibot-vmf", "ibot", "simclr", ""]),
-        ("--backbone", ["resnet", "vit-micro", "vit-tiny", "vit-small", "vit-conv", "vgg"]),
+        ("--backbone", ["resnet", "vit-micro", "vit-tiny", "vit-small", "vit-conv", "vit-stem", "vgg"]),
         ("--vmf-normalization", booleans), ("--normalized-prototypes", booleans),
         ("--centering", ["probability", "logit", "sinkhorn", "none"]),
         ("--resnet-width", integers), ("--prototypes", integers), ("--bottleneck", integers), ("--head-hidden", integers),

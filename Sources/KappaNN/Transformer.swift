@@ -79,15 +79,21 @@ public struct ViTConfiguration: Sendable, Equatable, Codable {
     /// the token width. The strides multiply to the patch size (two entries for patch 4).
     /// nil: the patch projection.
     public var convolutionalStem: [Int]?
+    /// 3×3 convolutions of stride 1 (each with BatchNorm and ReLU), of these output channels,
+    /// before the patch projection, which then cuts its patches out of their feature maps:
+    /// the same tokens as without, each made from local features instead of raw pixels. nil:
+    /// none. Not with ``convolutionalStem``. Under iBOT's masking a masked patch's token is
+    /// replaced whole, but its neighbours' tokens see one pixel of it per convolution.
+    public var patchStem: [Int]?
 
     /// A configuration (mask token off unless `maskToken`).
     public init(imageSize: Int, patchSize: Int, channels: Int, width: Int, depth: Int, heads: Int,
                 mlpRatio: Double = 4, eps: Double = 1e-6, dropPathRate: Double = 0, maskToken: Bool = false,
-                convolutionalStem: [Int]? = nil) {
+                convolutionalStem: [Int]? = nil, patchStem: [Int]? = nil) {
         (self.imageSize, self.patchSize, self.channels) = (imageSize, patchSize, channels)
         (self.width, self.depth, self.heads) = (width, depth, heads)
         (self.mlpRatio, self.eps, self.dropPathRate, self.maskToken) = (mlpRatio, eps, dropPathRate, maskToken)
-        self.convolutionalStem = convolutionalStem
+        (self.convolutionalStem, self.patchStem) = (convolutionalStem, patchStem)
     }
 
     /// ViT-Tiny (192 wide, 12 deep, 3 heads) for `imageSize` images with `patchSize` patches.
@@ -107,6 +113,12 @@ public struct ViTConfiguration: Sendable, Equatable, Codable {
     public static func convMicro(imageSize: Int = 28, channels: Int = 1) -> Self {
         Self(imageSize: imageSize, patchSize: 4, channels: channels, width: 64, depth: 4, heads: 4, convolutionalStem: [16, 32])
     }
+    /// ref-micro's ViT (64 wide, 4 deep, 4 heads, patch 7 on 28 pixels: 16 tokens) with its
+    /// patches cut from the feature map of one 3×3 convolution of 16 channels (``patchStem``)
+    /// instead of the raw pixels. `patchSize` 7 needs images of a multiple of 7 pixels.
+    public static func stemMicro(imageSize: Int = 28, patchSize: Int = 7, channels: Int = 1) -> Self {
+        Self(imageSize: imageSize, patchSize: patchSize, channels: channels, width: 64, depth: 4, heads: 4, patchStem: [16])
+    }
 }
 
 /// A Vision Transformer (DINO's `VisionTransformer`): patch embedding as one product,
@@ -117,11 +129,13 @@ public final class VisionTransformer: Module {
     public let configuration: ViTConfiguration
     /// The patch embedding as a convolution's weight [D, C, P, P] and bias, applied as
     /// unfold + one matrix product.
-    /// (With a convolutional stem, the 1×1 projection's weight [D, C′, 1, 1].)
+    /// (With a convolutional stem, the 1×1 projection's weight [D, C′, 1, 1]; with a patch stem,
+    /// C is its last convolution's channels.)
     @Parameter public var patchWeight: Tensor
     /// The patch embedding's bias [D].
     @Parameter public var patchBias: Tensor
-    /// The convolutional stem's 3×3 stride-2 convolutions and their BatchNorms (empty without one).
+    /// The convolutional stem's 3×3 convolutions (stride 2 for ``ViTConfiguration/convolutionalStem``,
+    /// 1 for ``ViTConfiguration/patchStem``) and their BatchNorms (empty without a stem).
     public let stem: [Conv2d], stemNorms: [BatchNorm2d]
     @Parameter public var clsToken: Tensor
     @Parameter public var positionEmbedding: Tensor
@@ -136,13 +150,18 @@ public final class VisionTransformer: Module {
         if let widths = c.convolutionalStem {
             precondition(!widths.isEmpty && 1 << widths.count == c.patchSize && widths.allSatisfy { $0 > 0 },
                          "VisionTransformer: a stem of \(widths.count) stride-2 convolutions \(widths) makes patches of \(1 << widths.count), not \(c.patchSize)")
+            precondition(c.patchStem == nil, "VisionTransformer: a convolutional stem \(widths) and a patch stem \(c.patchStem!) together")
+        }
+        if let widths = c.patchStem {
+            precondition(!widths.isEmpty && widths.allSatisfy { $0 > 0 }, "VisionTransformer: patch stem \(widths) needs at least one positive width")
         }
         configuration = c
         let grid = c.imageSize / c.patchSize
         var convs: [Conv2d] = [], norms: [BatchNorm2d] = []
         var inChannels = c.channels
-        for width in c.convolutionalStem ?? [] {
-            convs.append(Conv2d(inChannels, width, kernel: 3, stride: 2, padding: 1, bias: false, dtype: dtype, using: &g))
+        let stride: Size2 = c.convolutionalStem == nil ? 1 : 2
+        for width in c.convolutionalStem ?? c.patchStem ?? [] {
+            convs.append(Conv2d(inChannels, width, kernel: 3, stride: stride, padding: 1, bias: false, dtype: dtype, using: &g))
             norms.append(BatchNorm2d(width, dtype: dtype))
             inChannels = width
         }
@@ -186,9 +205,11 @@ public final class VisionTransformer: Module {
                      "VisionTransformer: expected [B, \(c.channels), H, W], got \(images.shape)")
         let (b, gh, gw) = (images.shape[0], images.shape[2] / c.patchSize, images.shape[3] / c.patchSize)
         var x: Tensor
-        if stem.isEmpty {
-            let w = patchWeight.reshape([c.width, c.channels * c.patchSize * c.patchSize])
-            x = images.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
+        if c.convolutionalStem == nil {
+            var h = images  // with a patch stem, its feature maps
+            for (conv, bn) in zip(stem, stemNorms) { h = bn(conv(h), applyingReLU: true) }
+            let w = patchWeight.reshape([c.width, h.shape[1] * c.patchSize * c.patchSize])
+            x = h.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
         } else {
             precondition(images.shape[2] % c.patchSize == 0 && images.shape[3] % c.patchSize == 0,
                          "VisionTransformer: images \(images.shape) are not multiples of the stem's \(c.patchSize)-pixel tokens")

@@ -190,6 +190,10 @@ public enum BackbonePreset: String, Codable, Sendable, CaseIterable {
     /// ViT-micro's transformer on 4-pixel tokens from a convolutional stem
     /// (`ViTConfiguration.convMicro(imageSize:channels:)`; images of a multiple of 4 pixels).
     case vitConv = "vit-conv"
+    /// ViT-micro with its patches cut from the feature map of one 3×3 convolution of 16
+    /// channels (`ViTConfiguration.stemMicro(imageSize:patchSize:channels:)`): the same 16 tokens
+    /// on 28 pixels, made from local features.
+    case vitStem = "vit-stem"
 }
 
 extension DINOConfiguration {
@@ -212,7 +216,7 @@ extension DINOConfiguration {
         switch kind {
         case .resnet:
             c.backbone = .resnet(width: 8, channels: channels)
-        case .vitMicro, .vitTiny, .vitSmall, .vitConv:
+        case .vitMicro, .vitTiny, .vitSmall, .vitConv, .vitStem:
             let tokenSize = kind == .vitConv ? 4 : patch
             guard tokenSize > 0, imageSize % tokenSize == 0 else {
                 throw TrainerError("images of \(imageSize) pixels do not divide into \(kind == .vitConv ? "4" : "7- or 4")-pixel patches; use a ResNet")
@@ -220,6 +224,7 @@ extension DINOConfiguration {
             var v = kind == .vitMicro ? ViTConfiguration.refMicro
                 : kind == .vitTiny ? ViTConfiguration.tiny(imageSize: imageSize, patchSize: patch, channels: channels)
                 : kind == .vitConv ? ViTConfiguration.convMicro(imageSize: imageSize, channels: channels)
+                : kind == .vitStem ? ViTConfiguration.stemMicro(imageSize: imageSize, patchSize: patch, channels: channels)
                 : ViTConfiguration.small(imageSize: imageSize, patchSize: patch, channels: channels)
             (v.imageSize, v.patchSize, v.channels) = (imageSize, tokenSize, channels)
             v.maskToken = method.isIBOT

@@ -145,6 +145,33 @@ struct LayerTests {
         #expect(vit(randn([2, 2, 12, 12], seed: 42)).patches.shape == [2, 9, 8])
     }
 
+    @Test func visionTransformerWithAPatchStem() {
+        var g = RandomGenerator(seed: 6)
+        let config = ViTConfiguration(imageSize: 8, patchSize: 4, channels: 2, width: 8, depth: 1, heads: 2, mlpRatio: 2,
+                                      maskToken: true, patchStem: [3])
+        let vit = VisionTransformer(config, dtype: .float64, using: &g)
+        #expect(vit.patchWeight.shape == [8, 3, 4, 4] && vit.stem.count == 1 && vit.stem[0].weight.shape == [3, 2, 3, 3])
+        vit.maskToken!.assign(randn([1, 1, 8], seed: 43))
+        let images = randn([3, 2, 8, 8], seed: 44)
+        let (cls, patches) = vit(images)
+        #expect(cls.shape == [3, 8] && patches.shape == [3, 4, 8])
+        // The tokens are the patch projection of the stem's feature maps.
+        let features = withoutGradients { vit.stemNorms[0](vit.stem[0](images), applyingReLU: true) }
+        let tokens = features.unfoldPatches(size: 4).matmul(vit.patchWeight.reshape([8, 48]).transposed()) + vit.patchBias
+        let fromTokens = withoutGradients {
+            var x = Tensor.concat([vit.clsToken.expanded(to: [3, 1, 8]), tokens], alongAxis: 1) + vit.positionEmbedding
+            for block in vit.blocks { x = block(x) }
+            return vit.norm(x).select(alongAxis: 1, index: 0)
+        }
+        let difference = zip(cls.scalars(as: Double.self), fromTokens.scalars(as: Double.self)).map { Swift.abs($0 - $1) }.max()!
+        #expect(difference < 1e-14, "[CLS] from the stem's tokens differs by \(difference)")
+        // Gradients through the stride-1 convolution, its BatchNorm and the patch projection.
+        expectLayerGradients(vit, images, mode: .fast) { vit($0).cls }
+        let mask = Tensor([1.0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 1, 0], shape: [3, 4])
+        expectLayerGradients(vit, images, mode: .fast) { vit($0, mask: mask).patches }
+        #expect(vit(randn([2, 2, 12, 12], seed: 45)).patches.shape == [2, 9, 8])
+    }
+
     @Test func visionTransformer() {
         var g = RandomGenerator(seed: 4)
         let config = ViTConfiguration(imageSize: 8, patchSize: 4, channels: 2, width: 8, depth: 2, heads: 2, mlpRatio: 2,
