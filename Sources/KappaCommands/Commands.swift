@@ -56,6 +56,7 @@ public struct ModelOptions: ParsableArguments {
     /// (or of the preset the method and backbone pick), so no default is written here.
     static let d = DINOConfiguration()
     static let vit = (try? DINOConfiguration.preset(method: .dinoVMF, backbone: .vitMicro)) ?? DINOConfiguration()
+    static let stem = (try? DINOConfiguration.preset(method: .dinoVMF, backbone: .vitStem)) ?? DINOConfiguration()
     static let dinoViews = MultiCropAugmentation.dino
 
     @Option(help: "dino-vmf: learned prototype norms, vMF-normalized logits, probability centering; dino: normalized prototypes, plain logits, logit centering; ibot-vmf / ibot: the same plus masked patch prediction (ViT only). The three switches below override single parts (the paper's ablation). Default: \(KappaCommand.defaultMethod.rawValue).")
@@ -85,7 +86,7 @@ public struct ModelOptions: ParsableArguments {
     var patchSize: Int?
     @Option(help: "ViT: stochastic depth of the last block, linear from 0 in the first (DINO's --drop_path_rate). Default: \(ViTConfiguration.refMicro.dropPathRate).")
     var dropPath: Double?
-    @Option(help: "Epochs. Default: \(d.epochs) with a ResNet, \(vit.epochs) with a ViT.")
+    @Option(help: "Epochs. Default: \(d.epochs) with a ResNet, \(stem.epochs) with vit-stem, \(vit.epochs) with the other ViTs.")
     var epochs: Int?
     @Option(help: "Images per batch and per process (each gives 2 global + --local-crops local views); under mpirun -np N a step trains on N × this. Default: \(d.batchSize).")
     var batchSize: Int?
