@@ -204,17 +204,18 @@ public final class VisionTransformer: Module {
         precondition(images.rank == 4 && images.shape[1] == c.channels,
                      "VisionTransformer: expected [B, \(c.channels), H, W], got \(images.shape)")
         let (b, gh, gw) = (images.shape[0], images.shape[2] / c.patchSize, images.shape[3] / c.patchSize)
+        if c.convolutionalStem != nil {
+            precondition(images.shape[2] % c.patchSize == 0 && images.shape[3] % c.patchSize == 0,
+                         "VisionTransformer: images \(images.shape) are not multiples of the stem's \(c.patchSize)-pixel tokens")
+        }
+        var h = images  // the stem's feature maps (the images without a stem)
+        for (conv, bn) in zip(stem, stemNorms) { h = bn(conv(h), applyingReLU: true) }
         var x: Tensor
         if c.convolutionalStem == nil {
-            var h = images  // with a patch stem, its feature maps
-            for (conv, bn) in zip(stem, stemNorms) { h = bn(conv(h), applyingReLU: true) }
             let w = patchWeight.reshape([c.width, h.shape[1] * c.patchSize * c.patchSize])
             x = h.unfoldPatches(size: c.patchSize).matmul(w.transposed()) + patchBias  // [B, N, D]
         } else {
-            precondition(images.shape[2] % c.patchSize == 0 && images.shape[3] % c.patchSize == 0,
-                         "VisionTransformer: images \(images.shape) are not multiples of the stem's \(c.patchSize)-pixel tokens")
-            var h = images
-            for (conv, bn) in zip(stem, stemNorms) { h = bn(conv(h), applyingReLU: true) }
+            // Every position of the strided stem's output is a token: a 1×1 projection.
             let channels = h.shape[1]
             let tokens = h.reshape([b, channels, gh * gw]).transposed()                   // [B, N, C′]
             x = tokens.matmul(patchWeight.reshape([c.width, channels]).transposed()) + patchBias
