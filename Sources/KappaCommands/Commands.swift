@@ -124,6 +124,8 @@ public struct ModelOptions: ParsableArguments {
     var augmentation: AugmentationChoice?
     @Option(help: "Local crops per image. Default: \(d.augmentation.localCrops).")
     var localCrops: Int?
+    @Option(help: "Side of a local crop in pixels (DINO's is 96 for 224-pixel images); with a ViT a multiple of its token size. Default: half the image, rounded down to whole tokens.")
+    var localCropSize: Int?
     @Option(help: "Smallest area share of a global crop (local crops span --local-crop-min up to this). Default: \(d.augmentation.globalScale.lowerBound) with small views, \(dinoViews.globalScale.lowerBound) with dino.")
     var globalCropMin: Double?
     @Option(help: "Probability of inverting a view (x → 1 − x); not in DINO. Default: 0.5 with small views on the built-in data, whose images are light on dark or dark on light at random; else 0.")
@@ -239,6 +241,15 @@ public struct ModelOptions: ParsableArguments {
             c.augmentation = a
         }
         if let localCrops { c.augmentation.localCrops = localCrops }
+        if let localCropSize {
+            var token = 1
+            if case .vit(let v) = c.backbone { token = v.patchSize }
+            guard (token...c.augmentation.globalSize).contains(localCropSize) && localCropSize % token == 0 else {
+                throw ValidationError("--local-crop-size must lie in \(token)...\(c.augmentation.globalSize) (the image side)"
+                                      + (token > 1 ? " and be a multiple of the ViT's \(token)-pixel tokens" : "") + ", not \(localCropSize)")
+            }
+            c.augmentation.localSize = localCropSize
+        }
         if let invertProbability { c.augmentation.invertProbability = invertProbability }
         if let rotation { c.augmentation.rotationDegrees = rotation }
         if let translation { c.augmentation.translation = translation }

@@ -32,6 +32,16 @@ struct CommandLineTests {
         #expect(throws: (any Error).self) { try Self.views(["--local-crop-min", "0.95"], builtin: false) }
     }
 
+    @Test func localCropSizeIsWholeTokens() throws {
+        #expect(try Self.views([], builtin: false).localSize == 14)
+        #expect(try Self.views(["--local-crop-size", "10"], builtin: false).localSize == 10)  // a ResNet takes any size
+        #expect(try Self.views(["--backbone", "vit-stem", "--local-crop-size", "21"], builtin: true).localSize == 21)
+        for bad in [["--backbone", "vit-stem", "--local-crop-size", "20"], ["--backbone", "vit-conv", "--local-crop-size", "32"],
+                    ["--local-crop-size", "0"], ["--local-crop-size", "29"]] {
+            #expect(throws: (any Error).self, "\(bad)") { try Self.views(bad, builtin: false) }
+        }
+    }
+
     @Test func optionsOnlyOverrideTheConfigurationsDefaults() throws {
         // No option given: exactly the preset, for each method and both kinds of data.
         for method in SSLMethod.allCases {
