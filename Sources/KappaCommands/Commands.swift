@@ -122,7 +122,7 @@ public struct ModelOptions: ParsableArguments {
     var freezeLastLayer: Int?
     @Option(help: "Views: small (global crops of \(Int(100 * d.augmentation.globalScale.lowerBound))–100% of the image, local \(Int(100 * d.augmentation.localScale.lowerBound))–\(Int(100 * d.augmentation.localScale.upperBound))%, brightness/contrast jitter \(d.augmentation.brightness), no flip, blur or solarization: what learns on 28–32-pixel images from scratch here) or dino (METHOD.md's: global 40–100%, local 5–40%, flip, color jitter, blur, solarization). --global-crop-min and --local-crop-min override the crop ranges; --rotation, --translation, --invert-probability and --noise add to either. Default: small.")
     var augmentation: AugmentationChoice?
-    @Option(help: "Local crops per image. Default: \(d.augmentation.localCrops).")
+    @Option(help: "Local crops per image. Default: \(d.augmentation.localCrops), \(stem.augmentation.localCrops) with vit-stem (on 28-pixel images its 14-pixel local crops of 4 tokens cost kNN; docs/vit.md).")
     var localCrops: Int?
     @Option(help: "Side of a local crop in pixels (DINO's is 96 for 224-pixel images); with a ViT a multiple of its token size. Default: half the image, rounded down to whole tokens.")
     var localCropSize: Int?

@@ -32,6 +32,15 @@ struct CommandLineTests {
         #expect(throws: (any Error).self) { try Self.views(["--local-crop-min", "0.95"], builtin: false) }
     }
 
+    /// vit-stem trains on the two global crops alone (docs/vit.md); the other backbones keep 4 local crops.
+    @Test func vitStemHasNoLocalCropsUnlessAsked() throws {
+        #expect(try Self.views(["--backbone", "vit-stem"], builtin: false).localCrops == 0)
+        #expect(try Self.views(["--backbone", "vit-stem", "--local-crops", "4"], builtin: true).localCrops == 4)
+        for other in ["resnet", "vit-micro", "vit-conv"] {
+            #expect(try Self.views(["--backbone", other], builtin: false).localCrops == 4, "\(other)")
+        }
+    }
+
     @Test func localCropSizeIsWholeTokens() throws {
         #expect(try Self.views([], builtin: false).localSize == 14)
         #expect(try Self.views(["--local-crop-size", "10"], builtin: false).localSize == 10)  // a ResNet takes any size
