@@ -231,9 +231,9 @@ extension DINOConfiguration {
             (v.imageSize, v.patchSize, v.channels) = (imageSize, tokenSize, channels)
             v.maskToken = method.isIBOT
             c.backbone = .vit(v)
-            c.epochs = kind == .vitStem ? 30 : 20
-            if kind == .vitStem { c.augmentation.localCrops = 0 }
             c.baseLearningRate = 2e-3
+            c.epochs = 20
+            if kind == .vitStem { (c.epochs, c.augmentation.localCrops) = (30, 0) }
         }
         if method.isIBOT {
             guard c.backbone.isViT else { throw TrainerError("iBOT needs a ViT backbone") }
