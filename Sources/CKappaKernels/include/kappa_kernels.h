@@ -59,6 +59,18 @@ void kappa_widen_f64(const double *src, double *dst, long images, long rows, lon
 void kappa_narrow_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
 void kappa_narrow_f64(const double *src, double *dst, long images, long rows, long oh, long ow, long width);
 
+// Direct 3×3 convolution at stride 1 with padding 1 on Float32 [images, c, h, w] (conv_direct.c),
+// for CPUs with AVX-512 (kappa_conv3_direct_available(); elsewhere the functions trap).
+int kappa_conv3_direct_available(void);
+// output[n][oc][y][x] = Σ_ci,i,j wt[((3i + j)·c + ci)·o + oc] · input[n][ci][y + i − 1][x + j − 1]
+// (0 outside the image): the weights as taps [9, c, o]. With the taps flipped and transposed
+// ([9 − 1 − t][o][c] read as [t, o, c]) the same call gives the input gradient.
+void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt, long o,
+                             float *output);
+// dw[oc][ci][3i + j] += Σ_n,y,x grad[n][oc][y][x] · input[n][ci][y + i − 1][x + j − 1].
+void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
+                                 float *dw);
+
 // Batch normalization over [n, c, l] (channel axis in the middle, l contiguous), for the
 // channels c0..<c1. Statistics: mean and 1/sqrt(var + eps) (biased variance, two passes,
 // sums in double); var_out receives the biased variance.

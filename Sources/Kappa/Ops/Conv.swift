@@ -1,4 +1,5 @@
 import CKappaKernels
+import Foundation
 
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
@@ -53,16 +54,26 @@ extension Tensor {
                      "conv2d: input \(shape) is smaller than the dilated kernel \(weight.shape) with padding \(padding.height)×\(padding.width)")
         let x = contiguousData(), wt = weight.contiguousData()
         let out = Tensor(uninitialized: [b, o, geo.oh, geo.ow], dtype: dtype)
+        // On the wide grid the backward reads the same phases of the padded images as the
+        // forward: when gradients will be taken, the forward keeps them (a padded copy of the
+        // input) instead of the backward building them again.
+        let phases = geo.isWide && !(dtype == .float32 && geo.isDirect3) && Tape.isRecording && (requiresGrad || weight.requiresGrad)
+            ? Tensor(uninitialized: [b * geo.paddedSize], dtype: dtype) : nil
         switch dtype {
-        case .float32: convForward(x, wt, out, geo, Float.self)
-        case .float64: convForward(x, wt, out, geo, Double.self)
+        case .float32 where geo.isDirect3: conv3Forward(x, wt, out, geo)
+        case .float32: convForward(x, wt, out, geo, phases, Float.self)
+        case .float64: convForward(x, wt, out, geo, phases, Double.self)
         }
+        let needsInputGradient = requiresGrad
         Tape.record("conv2d", [self, weight], out) { g in
             let gc = g.contiguousData()
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
             switch x.dtype {
-            case .float32: convBackward(x, wt, gc, gx, gw, geo, Float.self)
-            case .float64: convBackward(x, wt, gc, gx, gw, geo, Double.self)
+            case .float32 where geo.isDirect3:
+                conv3Backward(x, wt, gc, needsInputGradient ? gx : nil, gw, geo)
+                return [needsInputGradient ? gx : nil, gw]
+            case .float32: convBackward(x, wt, gc, gx, gw, geo, phases, Float.self)
+            case .float64: convBackward(x, wt, gc, gx, gw, geo, phases, Double.self)
             }
             return [gx, gw]
         }
@@ -225,6 +236,16 @@ extension ConvGeometry {
     var c_geometry: kappa_conv_geometry {
         kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
+    /// A 3×3 convolution at stride 1 with padding 1 (the output the input's size) on a plane
+    /// of 16 to 128² pixels: Float32 runs it with the direct kernel (`conv_direct.c`) where
+    /// the CPU has AVX-512, reading the images in place.
+    var isDirect3: Bool {
+        kh == 3 && kw == 3 && sh == 1 && sw == 1 && ph == 1 && pw == 1 && dh == 1 && dw == 1
+            && h * w >= 16 && h * w <= 128 * 128 && ConvGeometry.directAvailable
+    }
+    /// Whether the host runs the direct kernel (`KAPPA_CONV_DIRECT=0` turns it off, to compare).
+    static let directAvailable: Bool = kappa_conv3_direct_available() != 0
+        && ProcessInfo.processInfo.environment["KAPPA_CONV_DIRECT"] != "0"
     /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
     var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
     /// The phases of the padded image (stride sh × sw gives sh·sw of them, each hq × wq):
@@ -338,23 +359,32 @@ private enum ConvKernels<T: TensorScalar> {
 /// image), kh·kw products [O, C] × [C, H'·wq] that read the phases in place (the channels one
 /// plane apart), then the extra columns dropped. Otherwise, for each group of images (see
 /// ``ConvGeometry/group(_:)``), their columns [C·kh·kw, n·span] and one product
-/// W · cols = [O, n·span], laid out as out[n] = [O, H', W'].
-private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _: T.Type) {
+/// W · cols = [O, n·span], laid out as out[n] = [O, H', W']. With `keep` (wide grid only),
+/// image i's phases go to keep[i·paddedSize...] for the backward instead of a scratch buffer.
+private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, _ keep: Tensor?,
+                                          _: T.Type) {
     let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows
     let chunks = imageChunks(b, work: o * k * l)
     let group = g.isWide ? 1 : g.group((b + chunks - 1) / chunks)
-    let perChunk = g.paddedSize + (g.isWide ? 0 : k * group * g.span) + o * group * g.span
+    let kept = keep.map { $0.pointer(T.self) }
+    let perChunk = (kept == nil ? g.paddedSize : 0) + (g.isWide ? 0 : k * group * g.span) + o * group * g.span
     let scratch = Tensor(uninitialized: [chunks * perChunk + (g.isWide ? o * k : 0)], dtype: x.dtype)
     let px = x.pointer(T.self), pw = w.pointer(T.self), po = out.pointer(T.self), ps = scratch.pointer(T.self)
     let taps = ps + chunks * perChunk
     if g.isWide { ConvKernels<T>.taps(pw, taps, o: o, g) }
     let imageSize = g.c * g.h * g.w, n = g.span
     forEachImageChunk(b, chunks: chunks) { chunk, images in
-        let padded = ps + chunk * perChunk, cols = padded + g.paddedSize
+        let scratch = ps + chunk * perChunk, cols = scratch + (kept == nil ? g.paddedSize : 0)
         let product = cols + (g.isWide ? 0 : k * group * g.span)
-        padded.update(repeating: 0, count: g.paddedSize)  // the tail the wide grid reads stays 0
+        if kept == nil { scratch.update(repeating: 0, count: g.paddedSize) }  // the tail the wide grid reads stays 0
+        var padded = scratch
         if g.isWide {
+            let tail = g.paddedSize - g.c * g.plane
             for img in images {
+                if let kept {
+                    padded = kept + img * g.paddedSize
+                    (padded + g.c * g.plane).update(repeating: 0, count: tail)
+                }
                 ConvKernels<T>.phase(px + img * imageSize, padded, g)
                 for i in 0..<g.kh { for j in 0..<g.kw {
                     let t = i * g.kw + j
@@ -385,7 +415,7 @@ private func convForward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ out: Tenso
 /// dx = col2im(Wᵀ · G), folded back into each image's padded gradient. The weight gradient
 /// is a partial sum per chunk of images, added at the end.
 private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor, _ gw: Tensor,
-                                           _ g: ConvGeometry, _: T.Type) {
+                                           _ g: ConvGeometry, _ kept: Tensor?, _: T.Type) {
     let b = x.shape[0], o = w.shape[0], l = g.colCols, k = g.colRows, wsize = o * k
     let imageSize = g.c * g.h * g.w
     let chunks = imageChunks(b, work: 3 * o * k * l)
@@ -406,11 +436,16 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
             let dpadded = cols, n = g.span, c = g.c
             for img in images {
                 ConvKernels<T>.widen(pg + img * o * l, gmat, images: 1, rows: o, g)
-                ConvKernels<T>.phase(px + img * imageSize, padded, g)
+                var phases = padded
+                if let kept {
+                    phases = kept.pointer(T.self) + img * g.paddedSize
+                } else {
+                    ConvKernels<T>.phase(px + img * imageSize, padded, g)
+                }
                 dpadded.update(repeating: 0, count: g.paddedSize)
                 for i in 0..<g.kh { for j in 0..<g.kw {
                     let t = i * g.kw + j, off = g.tapOffset(i, j)
-                    gemm(false, true, o, c, n, gmat, n, padded + off, g.plane, dw + t * o * c, c, beta: 1)
+                    gemm(false, true, o, c, n, gmat, n, phases + off, g.plane, dw + t * o * c, c, beta: 1)
                     gemm(true, false, c, n, o, taps + t * o * c, c, gmat, n, dpadded + off, g.plane, beta: 1)
                 } }
                 ConvKernels<T>.unphase(dpadded, pgx + img * imageSize, g)
@@ -454,6 +489,48 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
             for i in 0..<wsize { pgw[i] += dw[i] }
         }
     }
+}
+
+/// Forward of a direct 3×3 convolution (``ConvGeometry/isDirect3``): the weights as taps
+/// [9, C, O], the images split over the cores.
+private func conv3Forward(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry) {
+    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.h * g.w
+    let taps = Tensor(uninitialized: [9 * c * o], dtype: .float32)
+    let pw = w.pointer(Float.self), pt = taps.pointer(Float.self)
+    for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[(t * c + ci) * o + oi] = pw[(oi * c + ci) * 9 + t] } } }
+    let px = x.pointer(Float.self), po = out.pointer(Float.self)
+    forEachImageChunk(b, chunks: imageChunks(b, work: 9 * o * c * plane)) { _, images in
+        kappa_conv3_forward_f32(px + images.lowerBound * c * plane, images.count, c, g.h, g.w, pt, o,
+                                po + images.lowerBound * o * plane)
+    }
+}
+
+/// Backward of a direct 3×3 convolution: the input gradient (when `gx` is given) is the same
+/// convolution of the output gradient with the taps flipped and transposed ([9, O, C], tap t
+/// from 8 − t); the weight gradient a partial sum per chunk of images, in groups of images
+/// whose planes stay in cache, added at the end.
+private func conv3Backward(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor?, _ gw: Tensor, _ g: ConvGeometry) {
+    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.h * g.w, wsize = o * c * 9
+    let chunks = imageChunks(b, work: 18 * o * c * plane)
+    let scratch = Tensor(uninitialized: [wsize * (chunks + 1)], dtype: .float32)
+    let pw = w.pointer(Float.self), pt = scratch.pointer(Float.self), partial = pt + wsize
+    for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[((8 - t) * o + oi) * c + ci] = pw[(oi * c + ci) * 9 + t] } } }
+    let px = x.pointer(Float.self), pg = gout.pointer(Float.self), pgx = gx?.pointer(Float.self)
+    let group = Swift.max(1, 12_544 / plane)
+    forEachImageChunk(b, chunks: chunks) { chunk, images in
+        if let pgx {
+            kappa_conv3_forward_f32(pg + images.lowerBound * o * plane, images.count, o, g.h, g.w, pt, c,
+                                    pgx + images.lowerBound * c * plane)
+        }
+        let dw = partial + chunk * wsize
+        dw.update(repeating: 0, count: wsize)
+        for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
+            let count = Swift.min(group, images.upperBound - first)
+            kappa_conv3_weight_grad_f32(px + first * c * plane, pg + first * o * plane, count, c, g.h, g.w, o, dw)
+        }
+    }
+    let pgw = gw.pointer(Float.self)
+    for chunk in 0..<chunks { for i in 0..<wsize { pgw[i] += partial[chunk * wsize + i] } }
 }
 
 /// Valid input rows/cols of each pooling window.
