@@ -17,18 +17,19 @@
 
 int kappa_conv3_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
 
-/// For each 16-pixel block k of an h × w plane and tap t = 3i + j: the lanes whose input pixel
-/// (y + i − 1, x + j − 1) lies inside the image (and whose pixel is inside the plane); and at
-/// masks[blocks·9 + k] the lanes inside the plane. Returns the number of blocks.
-static long conv3_masks(long h, long w, __mmask16 *masks) {
-    long plane = h * w, blocks = (plane + 15) / 16;
+/// For each 16-pixel block k of a plane of `stack` h × w images one above the other and tap
+/// t = 3i + j: the lanes whose input pixel (y + i − 1, x + j − 1) lies inside the same image
+/// (and whose pixel is inside the plane); and at masks[blocks·9 + k] the lanes inside the
+/// plane. Returns the number of blocks.
+static long conv3_masks(long h, long w, long stack, __mmask16 *masks) {
+    long plane = stack * h * w, blocks = (plane + 15) / 16;
     for (long k = 0; k < blocks; k++) {
         unsigned tap[9] = {0}, inside = 0;
         for (long l = 0; l < 16; l++) {
             long p = 16 * k + l;
             if (p >= plane) break;
             inside |= 1u << l;
-            long y = p / w, x = p % w;
+            long y = (p / w) % h, x = p % w;
             for (long i = 0; i < 3; i++)
                 for (long j = 0; j < 3; j++) {
                     long iy = y + i - 1, ix = x + j - 1;
@@ -67,11 +68,11 @@ static long conv3_masks(long h, long w, __mmask16 *masks) {
         }                                                                                                          \
     } while (0)
 
-KAPPA_AVX512 void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt,
-                                          long o, float *output) {
-    long plane = h * w, blocks = (plane + 15) / 16;
+KAPPA_AVX512 static void conv3_forward(const float *input, long images, long c, long h, long w, long stack,
+                                       const float *wt, long o, float *output) {
+    long plane = stack * h * w, blocks = (plane + 15) / 16;
     __mmask16 masks[blocks * 10];
-    conv3_masks(h, w, masks);
+    conv3_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
     for (long t = 0; t < 9; t++) off[t] = (t / 3 - 1) * w + (t % 3 - 1);
@@ -124,17 +125,34 @@ KAPPA_AVX512 void kappa_conv3_forward_f32(const float *input, long images, long 
         }                                                                                                          \
     } while (0)
 
-KAPPA_AVX512 void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h,
-                                              long w, long o, float *dw) {
-    long plane = h * w, blocks = (plane + 15) / 16;
+KAPPA_AVX512 static void conv3_weight_grad(const float *input, const float *grad, long images, long c, long h,
+                                           long w, long stack, long o, float *dw) {
+    long plane = stack * h * w, blocks = (plane + 15) / 16;
     __mmask16 masks[blocks * 10];
-    conv3_masks(h, w, masks);
+    conv3_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
     for (long t = 0; t < 9; t++) off[t] = (t / 3 - 1) * w + (t % 3 - 1);
     long ob = 0;
     for (; ob + 3 <= o; ob += 3) CONV3_WEIGHT_BLOCK(3);
     for (; ob < o; ob++) CONV3_WEIGHT_BLOCK(1);
+}
+
+void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt, long o,
+                             float *output) {
+    conv3_forward(input, images, c, h, w, 1, wt, o, output);
+}
+void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
+                                 float *dw) {
+    conv3_weight_grad(input, grad, images, c, h, w, 1, o, dw);
+}
+void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
+                                     float *output) {
+    conv3_forward(input, 1, c, h, w, stack, wt, o, output);
+}
+void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
+                                         long o, float *dw) {
+    conv3_weight_grad(input, grad, 1, c, h, w, stack, o, dw);
 }
 
 #else
@@ -148,6 +166,16 @@ void kappa_conv3_forward_f32(const float *input, long images, long c, long h, lo
 void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
                                  float *dw) {
     (void)input, (void)grad, (void)images, (void)c, (void)h, (void)w, (void)o, (void)dw;
+    __builtin_trap();
+}
+void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
+                                     float *output) {
+    (void)input, (void)stack, (void)c, (void)h, (void)w, (void)wt, (void)o, (void)output;
+    __builtin_trap();
+}
+void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
+                                         long o, float *dw) {
+    (void)input, (void)grad, (void)stack, (void)c, (void)h, (void)w, (void)o, (void)dw;
     __builtin_trap();
 }
 

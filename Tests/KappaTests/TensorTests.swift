@@ -261,10 +261,11 @@ struct TensorTests {
     /// Float32 3×3 convolutions at stride 1 with padding 1 run the direct kernel where the CPU
     /// has AVX-512 (`HostKernels.vectorLevel`): output, input gradient and weight gradient
     /// equal the Float64 path (im2col / shifted products) to Float32 rounding, on planes from
-    /// 4×4 to 28×28 (blocks of 16 pixels cut rows and the plane's end), channel counts that
+    /// 2×2 to 28×28 (blocks of 16 pixels cut rows and the plane's end; below 64 pixels the
+    /// images are stacked channel by channel, so blocks span images), channel counts that
     /// take each register block (8, 4 and 1 output channels, 3 and 1 for the weight gradient),
     /// and a batch split over the cores.
-    @Test(arguments: [(4, 4, 3, 8), (5, 7, 1, 13), (7, 7, 8, 5), (28, 28, 8, 8), (13, 9, 16, 4), (2, 9, 2, 1)])
+    @Test(arguments: [(4, 4, 3, 8), (5, 7, 1, 13), (7, 7, 8, 5), (28, 28, 8, 8), (13, 9, 16, 4), (2, 9, 2, 1), (2, 2, 6, 9), (4, 4, 16, 16)])
     func directConvolutionEqualsFloat64(h: Int, w: Int, c: Int, o: Int) {
         let b = 5
         let x = randn([b, c, h, w], seed: 41), wt = randn([o, c, 3, 3], seed: 42), gy = randn([b, o, h, w], seed: 43)

@@ -70,6 +70,12 @@ void kappa_conv3_forward_f32(const float *input, long images, long c, long h, lo
 // dw[oc][ci][3i + j] += Σ_n,y,x grad[n][oc][y][x] · input[n][ci][y + i − 1][x + j − 1].
 void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
                                  float *dw);
+// The same on `stack` images laid out channel by channel ([c][stack][h][w] in, [o][stack][h][w]
+// out): 16-pixel blocks then span several small images (2×2, 4×4), so no lanes idle.
+void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
+                                     float *output);
+void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
+                                         long o, float *dw);
 
 // Batch normalization over [n, c, l] (channel axis in the middle, l contiguous), for the
 // channels c0..<c1. Statistics: mean and 1/sqrt(var + eps) (biased variance, two passes,

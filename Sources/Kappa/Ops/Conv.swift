@@ -237,12 +237,15 @@ extension ConvGeometry {
         kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
     /// A 3×3 convolution at stride 1 with padding 1 (the output the input's size) on a plane
-    /// of 16 to 128² pixels: Float32 runs it with the direct kernel (`conv_direct.c`) where
+    /// of at most 128² pixels: Float32 runs it with the direct kernel (`conv_direct.c`) where
     /// the CPU has AVX-512, reading the images in place.
     var isDirect3: Bool {
         kh == 3 && kw == 3 && sh == 1 && sw == 1 && ph == 1 && pw == 1 && dh == 1 && dw == 1
-            && h * w >= 16 && h * w <= 128 * 128 && ConvGeometry.directAvailable
+            && h * w <= 128 * 128 && ConvGeometry.directAvailable
     }
+    /// Planes below 64 pixels (7×7, 4×4, 2×2) leave lanes of the direct kernel's 16-pixel
+    /// blocks idle; their images are stacked channel by channel first.
+    var stacksImages: Bool { h * w < 64 }
     /// Whether the host runs the direct kernel (`KAPPA_CONV_DIRECT=0` turns it off, to compare).
     static let directAvailable: Bool = kappa_conv3_direct_available() != 0
         && ProcessInfo.processInfo.environment["KAPPA_CONV_DIRECT"] != "0"
@@ -499,10 +502,32 @@ private func conv3Forward(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeom
     let pw = w.pointer(Float.self), pt = taps.pointer(Float.self)
     for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[(t * c + ci) * o + oi] = pw[(oi * c + ci) * 9 + t] } } }
     let px = x.pointer(Float.self), po = out.pointer(Float.self)
-    forEachImageChunk(b, chunks: imageChunks(b, work: 9 * o * c * plane)) { _, images in
-        kappa_conv3_forward_f32(px + images.lowerBound * c * plane, images.count, c, g.h, g.w, pt, o,
-                                po + images.lowerBound * o * plane)
+    let chunks = imageChunks(b, work: 9 * o * c * plane)
+    guard g.stacksImages else {
+        forEachImageChunk(b, chunks: chunks) { _, images in
+            kappa_conv3_forward_f32(px + images.lowerBound * c * plane, images.count, c, g.h, g.w, pt, o,
+                                    po + images.lowerBound * o * plane)
+        }
+        return
     }
+    let per = (b + chunks - 1) / chunks * (c + o) * plane
+    let stacked = Tensor(uninitialized: [chunks * per], dtype: .float32)
+    let ps = stacked.pointer(Float.self)
+    forEachImageChunk(b, chunks: chunks) { chunk, images in
+        let xs = ps + chunk * per, ys = xs + images.count * c * plane
+        stackImages(px + images.lowerBound * c * plane, xs, images: images.count, channels: c, plane: plane)
+        kappa_conv3_forward_stacked_f32(xs, images.count, c, g.h, g.w, pt, o, ys)
+        stackImages(ys, po + images.lowerBound * o * plane, images: images.count, channels: o, plane: plane, back: true)
+    }
+}
+
+/// [images, channels, plane] → [channels, images, plane], or back.
+private func stackImages(_ src: UnsafeMutablePointer<Float>, _ dst: UnsafeMutablePointer<Float>, images: Int,
+                         channels: Int, plane: Int, back: Bool = false) {
+    for n in 0..<images { for ch in 0..<channels {
+        let a = (n * channels + ch) * plane, s = (ch * images + n) * plane
+        if back { (dst + a).update(from: src + s, count: plane) } else { (dst + s).update(from: src + a, count: plane) }
+    } }
 }
 
 /// Backward of a direct 3×3 convolution: the input gradient (when `gx` is given) is the same
@@ -517,16 +542,35 @@ private func conv3Backward(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tenso
     for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[((8 - t) * o + oi) * c + ci] = pw[(oi * c + ci) * 9 + t] } } }
     let px = x.pointer(Float.self), pg = gout.pointer(Float.self), pgx = gx?.pointer(Float.self)
     let group = Swift.max(1, 12_544 / plane)
-    forEachImageChunk(b, chunks: chunks) { chunk, images in
-        if let pgx {
-            kappa_conv3_forward_f32(pg + images.lowerBound * o * plane, images.count, o, g.h, g.w, pt, c,
-                                    pgx + images.lowerBound * c * plane)
+    if g.stacksImages {
+        let per = (b + chunks - 1) / chunks * (2 * c + o) * plane
+        let stacked = Tensor(uninitialized: [chunks * per], dtype: .float32)
+        let ps = stacked.pointer(Float.self)
+        forEachImageChunk(b, chunks: chunks) { chunk, images in
+            let n = images.count, first = images.lowerBound
+            let gs = ps + chunk * per, xs = gs + n * o * plane, dxs = xs + n * c * plane
+            stackImages(pg + first * o * plane, gs, images: n, channels: o, plane: plane)
+            if let pgx {
+                kappa_conv3_forward_stacked_f32(gs, n, o, g.h, g.w, pt, c, dxs)
+                stackImages(dxs, pgx + first * c * plane, images: n, channels: c, plane: plane, back: true)
+            }
+            stackImages(px + first * c * plane, xs, images: n, channels: c, plane: plane)
+            let dw = partial + chunk * wsize
+            dw.update(repeating: 0, count: wsize)
+            kappa_conv3_weight_grad_stacked_f32(xs, gs, n, c, g.h, g.w, o, dw)
         }
-        let dw = partial + chunk * wsize
-        dw.update(repeating: 0, count: wsize)
-        for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
-            let count = Swift.min(group, images.upperBound - first)
-            kappa_conv3_weight_grad_f32(px + first * c * plane, pg + first * o * plane, count, c, g.h, g.w, o, dw)
+    } else {
+        forEachImageChunk(b, chunks: chunks) { chunk, images in
+            if let pgx {
+                kappa_conv3_forward_f32(pg + images.lowerBound * o * plane, images.count, o, g.h, g.w, pt, c,
+                                        pgx + images.lowerBound * c * plane)
+            }
+            let dw = partial + chunk * wsize
+            dw.update(repeating: 0, count: wsize)
+            for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
+                let count = Swift.min(group, images.upperBound - first)
+                kappa_conv3_weight_grad_f32(px + first * c * plane, pg + first * o * plane, count, c, g.h, g.w, o, dw)
+            }
         }
     }
     let pgw = gw.pointer(Float.self)
