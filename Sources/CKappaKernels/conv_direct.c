@@ -1,13 +1,18 @@
-// Direct 3×3 convolution at stride 1 with padding 1 ("same" size), Float32, for CPUs with
-// AVX-512: see include/kappa_kernels.h. The im2col / shifted-product path (Conv.swift) copies
-// each image into a padded layout, runs nine small products and copies the result out; on a
-// narrow ResNet those copies cost as much as the products. Here the image is read in place:
-// the output plane is walked 16 pixels at a time, and tap (i, j) of a 16-pixel block reads the
-// 16 input pixels one fixed offset away, (i − 1)·w + (j − 1), through a masked load whose mask
-// drops the lanes that fall outside the image (the zero padding) or past the plane. A masked
-// load does not touch the memory of its dropped lanes, so no padded copy is needed. Each block
-// of 8 output channels × 32 pixels accumulates all taps and input channels in registers and is
-// stored once.
+// Direct convolutions in Float32 for CPUs with AVX-512: see include/kappa_kernels.h. The
+// shifted-product path (Conv.swift) copies each image into a padded layout, runs kh·kw small
+// products and copies the result out; on a narrow ResNet those copies cost as much as the
+// products. Here the image is read in place: the output plane is walked 16 pixels at a time,
+// and a tap of a 16-pixel block reads the 16 source pixels one fixed offset away,
+// dy·w + dx with dy, dx in {−1, 0, 1}, through a masked load whose mask drops the lanes that
+// fall outside the image (the zero padding) or past the plane. A masked load does not touch
+// the memory of its dropped lanes, so no padded copy is needed. Each block of 8 output
+// channels × 32 pixels accumulates all taps and input channels in registers and is stored
+// once.
+//
+// A 3×3 convolution at stride 1 with padding 1 is nine taps on the image itself. At stride 2
+// the image is first split into its four phases (pixels (2y + a, 2x + b)) on the output's
+// grid, and tap (i, j) reads phase ((i + 1) mod 2, (j + 1) mod 2) at dy = −1 for i = 0 and 0
+// otherwise (dx likewise); a 1×1 convolution at stride 2 is one tap on phase (0, 0).
 #include "kappa_kernels.h"
 
 #if defined(__x86_64__) && defined(__clang__)
@@ -15,16 +20,16 @@
 
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
-int kappa_conv3_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
+int kappa_conv_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
 
-/// For each 16-pixel block k of a plane of `stack` h × w images one above the other and tap
-/// t = 3i + j: the lanes whose input pixel (y + i − 1, x + j − 1) lies inside the same image
-/// (and whose pixel is inside the plane); and at masks[blocks·9 + k] the lanes inside the
-/// plane. Returns the number of blocks.
-static long conv3_masks(long h, long w, long stack, __mmask16 *masks) {
+/// For each 16-pixel block k of a plane of `stack` h × w images one above the other and each
+/// direction d = 3(dy + 1) + (dx + 1): the lanes whose source pixel (y + dy, x + dx) lies
+/// inside the same image (and whose pixel is inside the plane), at masks[9k + d]; and at
+/// masks[blocks·9 + k] the lanes inside the plane.
+static void conv_masks(long h, long w, long stack, __mmask16 *masks) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
     for (long k = 0; k < blocks; k++) {
-        unsigned tap[9] = {0}, inside = 0;
+        unsigned dir[9] = {0}, inside = 0;
         for (long l = 0; l < 16; l++) {
             long p = 16 * k + l;
             if (p >= plane) break;
@@ -33,23 +38,32 @@ static long conv3_masks(long h, long w, long stack, __mmask16 *masks) {
             for (long i = 0; i < 3; i++)
                 for (long j = 0; j < 3; j++) {
                     long iy = y + i - 1, ix = x + j - 1;
-                    if (iy >= 0 && iy < h && ix >= 0 && ix < w) tap[i * 3 + j] |= 1u << l;
+                    if (iy >= 0 && iy < h && ix >= 0 && ix < w) dir[i * 3 + j] |= 1u << l;
                 }
         }
-        for (long t = 0; t < 9; t++) masks[k * 9 + t] = (__mmask16)tap[t];
+        for (long d = 0; d < 9; d++) masks[k * 9 + d] = (__mmask16)dir[d];
         masks[blocks * 9 + k] = (__mmask16)inside;
     }
-    return blocks;
 }
 
+/// A convolution as a list of taps: tap t reads source channel ci at
+/// src + base[t] + ci·plane + p + off(dir[t]), masked by direction dir[t], with the weights
+/// wt[(t·c + ci)·o + oc].
+typedef struct {
+    long taps;
+    long base[9];
+    int dir[9];
+} conv_taps;
+
 // One block of OB output channels × 32 pixels (blocks k and k + 1) of one image.
-#define CONV3_BLOCK(OB)                                                                                            \
+#define CONV_BLOCK(OB)                                                                                             \
     do {                                                                                                           \
         __m512 acc[OB][2];                                                                                         \
         _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps(); \
-        for (long t = 0; t < 9; t++) {                                                                             \
-            __mmask16 m0 = masks[k * 9 + t], m1 = two ? masks[(k + 1) * 9 + t] : 0;                                \
-            const float *xs = x + 16 * k + off[t];                                                                 \
+        for (long t = 0; t < tp->taps; t++) {                                                                      \
+            int d = tp->dir[t];                                                                                    \
+            __mmask16 m0 = masks[k * 9 + d], m1 = two ? masks[(k + 1) * 9 + d] : 0;                                \
+            const float *xs = x + tp->base[t] + 16 * k + off[d];                                                   \
             const float *ws = wt + t * c * o + ob;                                                                 \
             for (long ci = 0; ci < c; ci++) {                                                                      \
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, xs + ci * plane);                                            \
@@ -68,115 +82,246 @@ static long conv3_masks(long h, long w, long stack, __mmask16 *masks) {
         }                                                                                                          \
     } while (0)
 
-KAPPA_AVX512 static void conv3_forward(const float *input, long images, long c, long h, long w, long stack,
-                                       const float *wt, long o, float *output) {
+/// output[n][oc] (images out_stride apart) from input[n] (in_stride apart) through the taps.
+KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long images, long c, long h, long w,
+                                      long stack, const conv_taps *tp, const float *wt, long o, float *output,
+                                      long out_stride) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
     __mmask16 masks[blocks * 10];
-    conv3_masks(h, w, stack, masks);
+    conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
-    for (long t = 0; t < 9; t++) off[t] = (t / 3 - 1) * w + (t % 3 - 1);
+    for (long d = 0; d < 9; d++) off[d] = (d / 3 - 1) * w + (d % 3 - 1);
     for (long n = 0; n < images; n++) {
-        const float *x = input + n * c * plane;
-        float *y = output + n * o * plane;
+        const float *x = input + n * in_stride;
+        float *y = output + n * out_stride;
         long ob = 0;
         for (; ob + 8 <= o; ob += 8)
             for (long k = 0; k < blocks; k += 2) {
                 int two = k + 1 < blocks;
-                CONV3_BLOCK(8);
+                CONV_BLOCK(8);
             }
         for (; ob + 4 <= o; ob += 4)
             for (long k = 0; k < blocks; k += 2) {
                 int two = k + 1 < blocks;
-                CONV3_BLOCK(4);
+                CONV_BLOCK(4);
             }
         for (; ob < o; ob++)
             for (long k = 0; k < blocks; k += 2) {
                 int two = k + 1 < blocks;
-                CONV3_BLOCK(1);
+                CONV_BLOCK(1);
             }
     }
 }
 
-// dw[o][ci][t] += Σ_pixels g[o][p]·x[ci][p + off[t]] (masked) for OB output channels at once.
-#define CONV3_WEIGHT_BLOCK(OB)                                                                                     \
+// dw[oc][ci][t] += Σ_pixels g[oc][p]·src[ci][p + tap t] (masked) for OB output channels and
+// TAPS taps at once.
+#define CONV_WEIGHT_BLOCK(OB, TAPS)                                                                                \
     do {                                                                                                           \
         for (long ci = 0; ci < c; ci++) {                                                                          \
-            __m512 acc[OB][9];                                                                                     \
+            __m512 acc[OB][TAPS];                                                                                  \
             _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                                        \
-                _Pragma("clang loop unroll(full)") for (int t = 0; t < 9; t++) acc[j][t] = _mm512_setzero_ps();    \
+                _Pragma("clang loop unroll(full)") for (int t = 0; t < TAPS; t++) acc[j][t] = _mm512_setzero_ps(); \
             for (long n = 0; n < images; n++) {                                                                    \
-                const float *xs = input + (n * c + ci) * plane;                                                    \
-                const float *gs = grad + (n * o + ob) * plane;                                                     \
+                const float *xs = input + n * in_stride + ci * plane;                                              \
+                const float *gs = grad + n * g_stride + ob * plane;                                                \
                 for (long k = 0; k < blocks; k++) {                                                                \
                     __m512 gv[OB];                                                                                 \
                     _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                                \
                         gv[j] = _mm512_maskz_loadu_ps(inside[k], gs + j * plane + 16 * k);                         \
-                    _Pragma("clang loop unroll(full)") for (int t = 0; t < 9; t++) {                               \
-                        __m512 xv = _mm512_maskz_loadu_ps(masks[k * 9 + t], xs + 16 * k + off[t]);                 \
+                    _Pragma("clang loop unroll(full)") for (int t = 0; t < TAPS; t++) {                            \
+                        __m512 xv = _mm512_maskz_loadu_ps(masks[k * 9 + tp->dir[t]],                               \
+                                                          xs + tp->base[t] + 16 * k + off[tp->dir[t]]);            \
                         _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                            \
                             acc[j][t] = _mm512_fmadd_ps(gv[j], xv, acc[j][t]);                                     \
                     }                                                                                              \
                 }                                                                                                  \
             }                                                                                                      \
             _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                                        \
-                _Pragma("clang loop unroll(full)") for (int t = 0; t < 9; t++)                                     \
-                    dw[((ob + j) * c + ci) * 9 + t] += _mm512_reduce_add_ps(acc[j][t]);                            \
+                _Pragma("clang loop unroll(full)") for (int t = 0; t < TAPS; t++)                                  \
+                    dw[((ob + j) * c + ci) * TAPS + t] += _mm512_reduce_add_ps(acc[j][t]);                         \
         }                                                                                                          \
     } while (0)
 
-KAPPA_AVX512 static void conv3_weight_grad(const float *input, const float *grad, long images, long c, long h,
-                                           long w, long stack, long o, float *dw) {
+/// dw[oc][ci][t] += Σ_n,p grad[n][oc][p] · (tap t of input[n][ci] at p), for 9 taps or 1.
+KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, const float *grad, long g_stride,
+                                          long images, long c, long h, long w, long stack, const conv_taps *tp,
+                                          long o, float *dw) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
     __mmask16 masks[blocks * 10];
-    conv3_masks(h, w, stack, masks);
+    conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
-    for (long t = 0; t < 9; t++) off[t] = (t / 3 - 1) * w + (t % 3 - 1);
+    for (long d = 0; d < 9; d++) off[d] = (d / 3 - 1) * w + (d % 3 - 1);
     long ob = 0;
-    for (; ob + 3 <= o; ob += 3) CONV3_WEIGHT_BLOCK(3);
-    for (; ob < o; ob++) CONV3_WEIGHT_BLOCK(1);
+    if (tp->taps == 9) {
+        for (; ob + 3 <= o; ob += 3) CONV_WEIGHT_BLOCK(3, 9);
+        for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 9);
+    } else {
+        for (; ob + 8 <= o; ob += 8) CONV_WEIGHT_BLOCK(8, 1);
+        for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 1);
+    }
 }
 
-void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt, long o,
-                             float *output) {
-    conv3_forward(input, images, c, h, w, 1, wt, o, output);
-}
-void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
-                                 float *dw) {
-    conv3_weight_grad(input, grad, images, c, h, w, 1, o, dw);
-}
-void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
-                                     float *output) {
-    conv3_forward(input, 1, c, h, w, stack, wt, o, output);
-}
-void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
-                                         long o, float *dw) {
-    conv3_weight_grad(input, grad, 1, c, h, w, stack, o, dw);
+/// The taps of the forward: stride 1, 3×3 (the image itself); stride 2, 3×3 (the phases,
+/// phase_stride apart); stride 2, 1×1 (phase (0, 0)).
+static conv_taps forward_taps(long stride, long kernel, long phase_stride) {
+    conv_taps tp = {0};
+    if (kernel == 1) {
+        tp.taps = 1;
+        tp.dir[0] = 4;
+        return tp;
+    }
+    tp.taps = 9;
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) {
+            int t = i * 3 + j;
+            if (stride == 1) {
+                tp.dir[t] = t;
+            } else {
+                long a = (i + 1) % 2, b = (j + 1) % 2;
+                tp.base[t] = (a * 2 + b) * phase_stride;
+                tp.dir[t] = (i == 0 ? 0 : 1) * 3 + (j == 0 ? 0 : 1);
+            }
+        }
+    return tp;
 }
 
-#else
-
-int kappa_conv3_direct_available(void) { return 0; }
-void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt, long o,
-                             float *output) {
-    (void)input, (void)images, (void)c, (void)h, (void)w, (void)wt, (void)o, (void)output;
-    __builtin_trap();  // callers check kappa_conv3_direct_available() first
+void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
+                                   long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
+                                   float *output, long out_stride) {
+    conv_taps tp = forward_taps(stride, kernel, phase_stride);
+    conv_forward(input, in_stride, images, c, h, w, stack, &tp, wt, o, output, out_stride);
 }
-void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
-                                 float *dw) {
-    (void)input, (void)grad, (void)images, (void)c, (void)h, (void)w, (void)o, (void)dw;
+
+void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
+                                       long images, long c, long h, long w, long stack, long stride, long kernel,
+                                       long phase_stride, long o, float *dw) {
+    conv_taps tp = forward_taps(stride, kernel, phase_stride);
+    conv_weight_grad(input, in_stride, grad, g_stride, images, c, h, w, stack, &tp, o, dw);
+}
+
+void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h, long w,
+                                      long stack, long stride, long kernel, long phase_stride, const float *wtb,
+                                      long c, float *dinput, long d_stride) {
+    if (stride == 1) {
+        // The forward's taps flipped: wtb is [9][o][c] with tap t holding the forward's 8 − t.
+        conv_taps tp = forward_taps(1, 3, 0);
+        conv_forward(grad, g_stride, images, o, h, w, stack, &tp, wtb, c, dinput, d_stride);
+        return;
+    }
+    // Phase by phase: the taps that read phase φ, each at the opposite direction, give that
+    // phase of the input gradient; wtb holds their weights transposed, [o][c] per tap, the
+    // taps in phase order (kappa_conv_direct_backward_taps_f32).
+    conv_taps f = forward_taps(stride, kernel, phase_stride);
+    long phases = kernel == 1 ? 1 : 4, first = 0;
+    for (long ph = 0; ph < phases; ph++) {
+        conv_taps tp = {0};
+        for (long t = 0; t < f.taps; t++)
+            if (f.base[t] == ph * phase_stride) tp.dir[tp.taps++] = 8 - f.dir[t];
+        conv_forward(grad, g_stride, images, o, h, w, stack, &tp, wtb + first * o * c, c, dinput + ph * phase_stride,
+                     d_stride);
+        first += tp.taps;
+    }
+}
+
+#endif
+
+// Weights [o][c][k][k] → the forward's taps [t][c][o].
+void kappa_conv_direct_forward_taps_f32(const float *w, long o, long c, long kernel, float *wt) {
+    long kk = kernel * kernel;
+    for (long oi = 0; oi < o; oi++)
+        for (long ci = 0; ci < c; ci++)
+            for (long t = 0; t < kk; t++) wt[(t * c + ci) * o + oi] = w[(oi * c + ci) * kk + t];
+}
+
+// Weights [o][c][k][k] → the input gradient's taps [t][o][c]: at stride 1 tap t holds the
+// forward's tap 8 − t; at stride 2 the forward's taps in the order of the phase they read.
+void kappa_conv_direct_backward_taps_f32(const float *w, long o, long c, long stride, long kernel, float *wtb) {
+    long kk = kernel * kernel;
+    long order[9], n = 0;
+    if (stride == 1) {
+        for (long t = 0; t < kk; t++) order[n++] = kk - 1 - t;
+    } else {
+        for (long ph = 0; ph < (kernel == 1 ? 1 : 4); ph++)
+            for (long t = 0; t < kk; t++) {
+                long i = t / kernel, j = t % kernel;
+                long a = kernel == 1 ? 0 : (i + 1) % 2, b = kernel == 1 ? 0 : (j + 1) % 2;
+                if (a * 2 + b == ph) order[n++] = t;
+            }
+    }
+    for (long s = 0; s < n; s++)
+        for (long oi = 0; oi < o; oi++)
+            for (long ci = 0; ci < c; ci++) wtb[(s * o + oi) * c + ci] = w[(oi * c + ci) * kk + order[s]];
+}
+
+#if !(defined(__x86_64__) && defined(__clang__))
+
+int kappa_conv_direct_available(void) { return 0; }
+void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
+                                   long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
+                                   float *output, long out_stride) {
+    (void)input, (void)in_stride, (void)images, (void)c, (void)h, (void)w, (void)stack, (void)stride, (void)kernel;
+    (void)phase_stride, (void)wt, (void)o, (void)output, (void)out_stride;
+    __builtin_trap();  // callers check kappa_conv_direct_available() first
+}
+void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
+                                       long images, long c, long h, long w, long stack, long stride, long kernel,
+                                       long phase_stride, long o, float *dw) {
+    (void)input, (void)in_stride, (void)grad, (void)g_stride, (void)images, (void)c, (void)h, (void)w, (void)stack;
+    (void)stride, (void)kernel, (void)phase_stride, (void)o, (void)dw;
     __builtin_trap();
 }
-void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
-                                     float *output) {
-    (void)input, (void)stack, (void)c, (void)h, (void)w, (void)wt, (void)o, (void)output;
-    __builtin_trap();
-}
-void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
-                                         long o, float *dw) {
-    (void)input, (void)grad, (void)stack, (void)c, (void)h, (void)w, (void)o, (void)dw;
+void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h, long w,
+                                      long stack, long stride, long kernel, long phase_stride, const float *wtb,
+                                      long c, float *dinput, long d_stride) {
+    (void)grad, (void)g_stride, (void)images, (void)o, (void)h, (void)w, (void)stack, (void)stride, (void)kernel;
+    (void)phase_stride, (void)wtb, (void)c, (void)dinput, (void)d_stride;
     __builtin_trap();
 }
 
 #endif
+
+// The phases of stride 2 on the output's grid (oh × ow), zero where 2y + a or 2x + b falls
+// past the image; and back (every pixel written: phases ≥ count give 0).
+void kappa_phase2_f32(const float *x, long images, long c, long h, long w, long oh, long ow, long count, float *dst,
+                      long img_stride, long phase_stride, long chan_stride) {
+    for (long n = 0; n < images; n++)
+        for (long ph = 0; ph < count; ph++) {
+            long a = ph / 2, b = ph % 2;
+            for (long ci = 0; ci < c; ci++) {
+                const float *src = x + (n * c + ci) * h * w;
+                float *d = dst + n * img_stride + ph * phase_stride + ci * chan_stride;
+                for (long y = 0; y < oh; y++) {
+                    long iy = 2 * y + a;
+                    float *row = d + y * ow;
+                    if (iy >= h) {
+                        for (long xo = 0; xo < ow; xo++) row[xo] = 0;
+                        continue;
+                    }
+                    const float *s = src + iy * w + b;
+                    long valid = (w - b + 1) / 2;  // columns with 2x + b < w
+                    if (valid > ow) valid = ow;
+                    for (long xo = 0; xo < valid; xo++) row[xo] = s[2 * xo];
+                    for (long xo = valid; xo < ow; xo++) row[xo] = 0;
+                }
+            }
+        }
+}
+
+void kappa_unphase2_f32(const float *src, long images, long c, long h, long w, long oh, long ow, long count,
+                        float *x, long img_stride, long phase_stride, long chan_stride) {
+    for (long n = 0; n < images; n++)
+        for (long ci = 0; ci < c; ci++) {
+            float *d = x + (n * c + ci) * h * w;
+            for (long iy = 0; iy < h; iy++) {
+                long a = iy % 2, y = iy / 2;
+                for (long ix = 0; ix < w; ix++) {
+                    long b = ix % 2, ph = a * 2 + b;
+                    d[iy * w + ix] = ph < count && y < oh && ix / 2 < ow
+                        ? src[n * img_stride + ph * phase_stride + ci * chan_stride + y * ow + ix / 2]
+                        : 0;
+                }
+            }
+        }
+}

@@ -258,33 +258,40 @@ struct TensorTests {
         #expect(Swift.abs(lhs - rhs) < 1e-10 * Swift.max(1, Swift.abs(lhs)))
     }
 
-    /// Float32 3×3 convolutions at stride 1 with padding 1 run the direct kernel where the CPU
-    /// has AVX-512 (`HostKernels.vectorLevel`): output, input gradient and weight gradient
-    /// equal the Float64 path (im2col / shifted products) to Float32 rounding, on planes from
-    /// 2×2 to 28×28 (blocks of 16 pixels cut rows and the plane's end; below 64 pixels the
-    /// images are stacked channel by channel, so blocks span images), channel counts that
-    /// take each register block (8, 4 and 1 output channels, 3 and 1 for the weight gradient),
-    /// and a batch split over the cores.
-    @Test(arguments: [(4, 4, 3, 8), (5, 7, 1, 13), (7, 7, 8, 5), (28, 28, 8, 8), (13, 9, 16, 4), (2, 9, 2, 1), (2, 2, 6, 9), (4, 4, 16, 16)])
-    func directConvolutionEqualsFloat64(h: Int, w: Int, c: Int, o: Int) {
-        let b = 5
-        let x = randn([b, c, h, w], seed: 41), wt = randn([o, c, 3, 3], seed: 42), gy = randn([b, o, h, w], seed: 43)
+    /// Float32 convolutions of the ResNet's kinds (3×3 at stride 1 or 2 with padding 1, 1×1 at
+    /// stride 2) run the direct kernels where the CPU has AVX-512 (`HostKernels.vectorLevel`):
+    /// output, input gradient and weight gradient equal the Float64 path (im2col / shifted
+    /// products) to Float32 rounding, on outputs from 2×2 to 28×28 (blocks of 16 pixels cut rows
+    /// and the plane's end; below 64 pixels the images are stacked channel by channel, so blocks
+    /// span images), odd sizes at stride 2 (a phase one row or column short), channel counts
+    /// that take each register block, and batches split over the cores.
+    @Test(arguments: [(4, 4, 3, 8, 1, 3), (5, 7, 1, 13, 1, 3), (7, 7, 8, 5, 1, 3), (28, 28, 8, 8, 1, 3),
+                      (13, 9, 16, 4, 1, 3), (2, 9, 2, 1, 1, 3), (2, 2, 6, 9, 1, 3), (4, 4, 16, 16, 1, 3),
+                      (28, 28, 8, 16, 2, 3), (14, 14, 16, 32, 2, 3), (7, 7, 5, 9, 2, 3), (9, 6, 3, 4, 2, 3),
+                      (4, 4, 32, 64, 2, 3), (28, 28, 8, 16, 2, 1), (7, 7, 5, 9, 2, 1), (9, 6, 3, 20, 2, 1)])
+    func directConvolutionEqualsFloat64(h: Int, w: Int, c: Int, o: Int, stride: Int, kernel: Int) {
+        let b = 5, pad = kernel / 2
+        let oh = (h + 2 * pad - kernel) / stride + 1, ow = (w + 2 * pad - kernel) / stride + 1
+        let x = randn([b, c, h, w], seed: 41), wt = randn([o, c, kernel, kernel], seed: 42)
+        let gy = randn([b, o, oh, ow], seed: 43)
         let x32 = x.to(.float32).requiringGrad(), w32 = wt.to(.float32).requiringGrad()
-        let y32 = x32.conv2d(weight: w32, padding: 1)
+        let y32 = x32.conv2d(weight: w32, stride: Size2(stride, stride), padding: Size2(pad, pad))
         (y32 * gy.to(.float32)).sum().backward()
         let x64 = x.detached().requiringGrad(), w64 = wt.detached().requiringGrad()
-        let y64 = x64.conv2d(weight: w64, padding: 1)
+        let y64 = x64.conv2d(weight: w64, stride: Size2(stride, stride), padding: Size2(pad, pad))
         (y64 * gy).sum().backward()
         func worst(_ a: Tensor, _ e: Tensor) -> Double {
             let scale = e.doubles.map(abs).max()!
             return zip(a.doubles, e.doubles).map { abs($0 - $1) }.max()! / scale
         }
+        #expect(y32.shape == [b, o, oh, ow])
         #expect(worst(y32, y64) < 1e-5, "output")
         #expect(worst(x32.grad!, x64.grad!) < 1e-5, "input gradient")
         #expect(worst(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
         // An input that needs no gradient gets none; the weight's is the same.
         let w2 = wt.to(.float32).requiringGrad()
-        (x.to(.float32).conv2d(weight: w2, padding: 1) * gy.to(.float32)).sum().backward()
+        (x.to(.float32).conv2d(weight: w2, stride: Size2(stride, stride), padding: Size2(pad, pad)) * gy.to(.float32))
+            .sum().backward()
         #expect(w2.grad!.scalars(as: Float.self) == w32.grad!.scalars(as: Float.self))
     }
 

@@ -59,23 +59,35 @@ void kappa_widen_f64(const double *src, double *dst, long images, long rows, lon
 void kappa_narrow_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
 void kappa_narrow_f64(const double *src, double *dst, long images, long rows, long oh, long ow, long width);
 
-// Direct 3×3 convolution at stride 1 with padding 1 on Float32 [images, c, h, w] (conv_direct.c),
-// for CPUs with AVX-512 (kappa_conv3_direct_available(); elsewhere the functions trap).
-int kappa_conv3_direct_available(void);
-// output[n][oc][y][x] = Σ_ci,i,j wt[((3i + j)·c + ci)·o + oc] · input[n][ci][y + i − 1][x + j − 1]
-// (0 outside the image): the weights as taps [9, c, o]. With the taps flipped and transposed
-// ([9 − 1 − t][o][c] read as [t, o, c]) the same call gives the input gradient.
-void kappa_conv3_forward_f32(const float *input, long images, long c, long h, long w, const float *wt, long o,
-                             float *output);
-// dw[oc][ci][3i + j] += Σ_n,y,x grad[n][oc][y][x] · input[n][ci][y + i − 1][x + j − 1].
-void kappa_conv3_weight_grad_f32(const float *input, const float *grad, long images, long c, long h, long w, long o,
-                                 float *dw);
-// The same on `stack` images laid out channel by channel ([c][stack][h][w] in, [o][stack][h][w]
-// out): 16-pixel blocks then span several small images (2×2, 4×4), so no lanes idle.
-void kappa_conv3_forward_stacked_f32(const float *input, long stack, long c, long h, long w, const float *wt, long o,
-                                     float *output);
-void kappa_conv3_weight_grad_stacked_f32(const float *input, const float *grad, long stack, long c, long h, long w,
-                                         long o, float *dw);
+// Direct convolutions on Float32 (conv_direct.c) for CPUs with AVX-512
+// (kappa_conv_direct_available(); elsewhere the kernels trap): 3×3 at stride 1 with padding 1,
+// 3×3 at stride 2 with padding 1, and 1×1 at stride 2. The grid h × w is the output's; at
+// stride 1 the input is the image, at stride 2 its phases (kappa_phase2_f32: phase a·2 + b
+// holds pixels (2y + a, 2x + b), phase_stride apart, on the output's grid). `stack` images of
+// the grid lie one above the other in each channel plane (a plane of stack·h·w; 1 for images
+// laid out [n][c][h][w], with in_stride / out_stride between images). Weights as taps from
+// kappa_conv_direct_forward_taps_f32 / kappa_conv_direct_backward_taps_f32.
+int kappa_conv_direct_available(void);
+void kappa_conv_direct_forward_taps_f32(const float *w, long o, long c, long kernel, float *wt);
+void kappa_conv_direct_backward_taps_f32(const float *w, long o, long c, long stride, long kernel, float *wtb);
+// output[n][oc] = Σ_ci,taps w · input[n][ci] at the tap's phase and offset (0 outside the image).
+void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
+                                   long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
+                                   float *output, long out_stride);
+// dw[oc][ci][tap] += Σ_n,pixels grad[n][oc] · (the tap of input[n][ci]).
+void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
+                                       long images, long c, long h, long w, long stack, long stride, long kernel,
+                                       long phase_stride, long o, float *dw);
+// The input's gradient (at stride 2, its phases) from the output's: every element written.
+void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h, long w,
+                                      long stack, long stride, long kernel, long phase_stride, const float *wtb,
+                                      long c, float *dinput, long d_stride);
+// x [images, c, h, w] → its stride-2 phases on the oh × ow grid (0 past the image), phases
+// 0..<count; and back, every pixel written (pixels of phases ≥ count get 0).
+void kappa_phase2_f32(const float *x, long images, long c, long h, long w, long oh, long ow, long count, float *dst,
+                      long img_stride, long phase_stride, long chan_stride);
+void kappa_unphase2_f32(const float *src, long images, long c, long h, long w, long oh, long ow, long count,
+                        float *x, long img_stride, long phase_stride, long chan_stride);
 
 // Batch normalization over [n, c, l] (channel axis in the middle, l contiguous), for the
 // channels c0..<c1. Statistics: mean and 1/sqrt(var + eps) (biased variance, two passes,

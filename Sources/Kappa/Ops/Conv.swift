@@ -57,10 +57,12 @@ extension Tensor {
         // On the wide grid the backward reads the same phases of the padded images as the
         // forward: when gradients will be taken, the forward keeps them (a padded copy of the
         // input) instead of the backward building them again.
-        let phases = geo.isWide && !(dtype == .float32 && geo.isDirect3) && Tape.isRecording && (requiresGrad || weight.requiresGrad)
-            ? Tensor(uninitialized: [b * geo.paddedSize], dtype: dtype) : nil
+        let recording = Tape.isRecording && (requiresGrad || weight.requiresGrad)
+        let direct = dtype == .float32 ? geo.direct : nil
+        let phases = geo.isWide && direct == nil && recording ? Tensor(uninitialized: [b * geo.paddedSize], dtype: dtype) : nil
+        var source: Tensor?
         switch dtype {
-        case .float32 where geo.isDirect3: conv3Forward(x, wt, out, geo)
+        case .float32 where direct != nil: source = directForward(x, wt, out, geo, keep: recording)
         case .float32: convForward(x, wt, out, geo, phases, Float.self)
         case .float64: convForward(x, wt, out, geo, phases, Double.self)
         }
@@ -69,8 +71,8 @@ extension Tensor {
             let gc = g.contiguousData()
             let gx = Tensor(uninitialized: x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
             switch x.dtype {
-            case .float32 where geo.isDirect3:
-                conv3Backward(x, wt, gc, needsInputGradient ? gx : nil, gw, geo)
+            case .float32 where direct != nil:
+                directBackward(x, source, wt, gc, needsInputGradient ? gx : nil, gw, geo)
                 return [needsInputGradient ? gx : nil, gw]
             case .float32: convBackward(x, wt, gc, gx, gw, geo, phases, Float.self)
             case .float64: convBackward(x, wt, gc, gx, gw, geo, phases, Double.self)
@@ -236,18 +238,23 @@ extension ConvGeometry {
     var c_geometry: kappa_conv_geometry {
         kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
-    /// A 3×3 convolution at stride 1 with padding 1 (the output the input's size) on a plane
-    /// of at most 128² pixels: Float32 runs it with the direct kernel (`conv_direct.c`) where
-    /// the CPU has AVX-512, reading the images in place.
-    var isDirect3: Bool {
-        kh == 3 && kw == 3 && sh == 1 && sw == 1 && ph == 1 && pw == 1 && dh == 1 && dw == 1
-            && h * w <= 128 * 128 && ConvGeometry.directAvailable
+    /// The direct kernel (`conv_direct.c`) that runs this convolution in Float32 where the CPU
+    /// has AVX-512, if any: 3×3 with padding 1 at stride 1 (reading the images in place) or 2
+    /// (reading their four phases), 1×1 at stride 2 (phase (0, 0)); outputs of at most 128²
+    /// pixels.
+    var direct: (stride: Int, kernel: Int)? {
+        guard ConvGeometry.directAvailable, dh == 1, dw == 1, sh == sw, kh == kw, oh * ow <= 128 * 128 else { return nil }
+        if kh == 3 && ph == 1 && pw == 1 && (sh == 1 || sh == 2) { return (sh, 3) }
+        if kh == 1 && ph == 0 && pw == 0 && sh == 2 { return (2, 1) }
+        return nil
     }
-    /// Planes below 64 pixels (7×7, 4×4, 2×2) leave lanes of the direct kernel's 16-pixel
-    /// blocks idle; their images are stacked channel by channel first.
-    var stacksImages: Bool { h * w < 64 }
+    /// Output planes below 64 pixels (7×7, 4×4, 2×2) leave lanes of the direct kernel's
+    /// 16-pixel blocks idle; their images are stacked channel by channel first.
+    var stacksImages: Bool { oh * ow < 64 }
+    /// The stride-2 phases the direct kernel reads (0 at stride 1: the image itself).
+    var directPhases: Int { direct.map { $0.stride == 1 ? 0 : ($0.kernel == 1 ? 1 : 4) } ?? 0 }
     /// Whether the host runs the direct kernel (`KAPPA_CONV_DIRECT=0` turns it off, to compare).
-    static let directAvailable: Bool = kappa_conv3_direct_available() != 0
+    static let directAvailable: Bool = kappa_conv_direct_available() != 0
         && ProcessInfo.processInfo.environment["KAPPA_CONV_DIRECT"] != "0"
     /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
     var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
@@ -494,31 +501,74 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
     }
 }
 
-/// Forward of a direct 3×3 convolution (``ConvGeometry/isDirect3``): the weights as taps
-/// [9, C, O], the images split over the cores.
-private func conv3Forward(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry) {
-    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.h * g.w
-    let taps = Tensor(uninitialized: [9 * c * o], dtype: .float32)
-    let pw = w.pointer(Float.self), pt = taps.pointer(Float.self)
-    for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[(t * c + ci) * o + oi] = pw[(oi * c + ci) * 9 + t] } } }
-    let px = x.pointer(Float.self), po = out.pointer(Float.self)
-    let chunks = imageChunks(b, work: 9 * o * c * plane)
-    guard g.stacksImages else {
-        forEachImageChunk(b, chunks: chunks) { _, images in
-            kappa_conv3_forward_f32(px + images.lowerBound * c * plane, images.count, c, g.h, g.w, pt, o,
-                                    po + images.lowerBound * o * plane)
+/// How the direct kernel sees a chunk of `n` images: its source (the images themselves at
+/// stride 1, else their phases; stacked channel by channel for small planes) and where each
+/// image, phase and channel starts in it.
+private struct DirectLayout {
+    let g: ConvGeometry, n: Int
+    var stride: Int { g.direct!.stride }
+    var kernel: Int { g.direct!.kernel }
+    var plane: Int { g.oh * g.ow }
+    /// Source elements per image (the whole source is laid out chunk after chunk).
+    var perImage: Int { Swift.max(1, g.directPhases) * g.c * plane }
+    /// Images the kernel walks, and images stacked in each plane.
+    var images: Int { g.stacksImages ? 1 : n }
+    var stack: Int { g.stacksImages ? n : 1 }
+    /// Strides of the source: between images, phases and channels.
+    var imageStride: Int { g.stacksImages ? plane : perImage }
+    var phaseStride: Int { g.stacksImages ? g.c * n * plane : g.c * plane }
+    var channelStride: Int { g.stacksImages ? n * plane : plane }
+    /// Whether the kernel reads the input tensor itself (stride 1, not stacked).
+    var readsInput: Bool { g.directPhases == 0 && !g.stacksImages }
+
+    /// The chunk's images [n, c, h, w] into the source layout at `dst`.
+    func build(_ x: UnsafeMutablePointer<Float>, _ dst: UnsafeMutablePointer<Float>) {
+        if g.directPhases == 0 {
+            stackImages(x, dst, images: n, channels: g.c, plane: plane)
+        } else {
+            kappa_phase2_f32(x, n, g.c, g.h, g.w, g.oh, g.ow, g.directPhases, dst, imageStride, phaseStride, channelStride)
         }
-        return
     }
-    let per = (b + chunks - 1) / chunks * (c + o) * plane
-    let stacked = Tensor(uninitialized: [chunks * per], dtype: .float32)
-    let ps = stacked.pointer(Float.self)
-    forEachImageChunk(b, chunks: chunks) { chunk, images in
-        let xs = ps + chunk * per, ys = xs + images.count * c * plane
-        stackImages(px + images.lowerBound * c * plane, xs, images: images.count, channels: c, plane: plane)
-        kappa_conv3_forward_stacked_f32(xs, images.count, c, g.h, g.w, pt, o, ys)
-        stackImages(ys, po + images.lowerBound * o * plane, images: images.count, channels: o, plane: plane, back: true)
+}
+
+/// The number of chunks the direct kernels split a batch into (the same in both directions,
+/// since the backward reads the forward's stacked source chunk by chunk).
+private func directChunks(_ b: Int, _ o: Int, _ g: ConvGeometry) -> Int {
+    imageChunks(b, work: g.kh * g.kw * o * g.c * g.oh * g.ow)
+}
+
+/// Forward of a direct convolution (``ConvGeometry/direct``): the weights as taps, the images
+/// split over the cores. Returns the source the kernel read, when `keep` and it is not the
+/// input itself, for the backward.
+private func directForward(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeometry, keep: Bool) -> Tensor? {
+    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.oh * g.ow, inPlane = g.h * g.w
+    let (s, k) = g.direct!
+    let chunks = directChunks(b, o, g)
+    let taps = Tensor(uninitialized: [k * k * c * o], dtype: .float32)
+    let pt = taps.pointer(Float.self)
+    kappa_conv_direct_forward_taps_f32(w.pointer(Float.self), o, c, k, pt)
+    let whole = DirectLayout(g: g, n: b)
+    let source = whole.readsInput ? nil : Tensor(uninitialized: [b * whole.perImage], dtype: .float32)
+    let stackedOut = g.stacksImages ? Tensor(uninitialized: [b * o * plane], dtype: .float32) : nil
+    let px = x.pointer(Float.self), po = out.pointer(Float.self)
+    let psrc = source?.pointer(Float.self), pso = stackedOut?.pointer(Float.self)
+    forEachImageChunk(b, chunks: chunks) { _, images in
+        let first = images.lowerBound, lay = DirectLayout(g: g, n: images.count)
+        let src: UnsafeMutablePointer<Float>
+        if let psrc {
+            src = psrc + first * lay.perImage
+            lay.build(px + first * c * inPlane, src)
+        } else {
+            src = px + first * c * inPlane
+        }
+        let dst = pso.map { $0 + first * o * plane } ?? po + first * o * plane
+        kappa_conv_direct_forward_f32(src, lay.imageStride, lay.images, c, g.oh, g.ow, lay.stack, s, k, lay.phaseStride,
+                                      pt, o, dst, o * plane)
+        if g.stacksImages {
+            stackImages(dst, po + first * o * plane, images: images.count, channels: o, plane: plane, back: true)
+        }
     }
+    return keep ? source : nil
 }
 
 /// [images, channels, plane] → [channels, images, plane], or back.
@@ -530,47 +580,57 @@ private func stackImages(_ src: UnsafeMutablePointer<Float>, _ dst: UnsafeMutabl
     } }
 }
 
-/// Backward of a direct 3×3 convolution: the input gradient (when `gx` is given) is the same
-/// convolution of the output gradient with the taps flipped and transposed ([9, O, C], tap t
-/// from 8 − t); the weight gradient a partial sum per chunk of images, in groups of images
-/// whose planes stay in cache, added at the end.
-private func conv3Backward(_ x: Tensor, _ w: Tensor, _ gout: Tensor, _ gx: Tensor?, _ gw: Tensor, _ g: ConvGeometry) {
-    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.h * g.w, wsize = o * c * 9
-    let chunks = imageChunks(b, work: 18 * o * c * plane)
-    let scratch = Tensor(uninitialized: [wsize * (chunks + 1)], dtype: .float32)
-    let pw = w.pointer(Float.self), pt = scratch.pointer(Float.self), partial = pt + wsize
-    for oi in 0..<o { for ci in 0..<c { for t in 0..<9 { pt[((8 - t) * o + oi) * c + ci] = pw[(oi * c + ci) * 9 + t] } } }
+/// Backward of a direct convolution: the input gradient (when `gx` is given) from the output
+/// gradient through the taps reversed (at stride 2 phase by phase, then the phases back into
+/// the image); the weight gradient a partial sum per chunk of images, in groups of images
+/// whose planes stay in cache, added at the end. `source` is what the forward kept (nil when
+/// the kernel read the input itself).
+private func directBackward(_ x: Tensor, _ source: Tensor?, _ w: Tensor, _ gout: Tensor, _ gx: Tensor?, _ gw: Tensor,
+                            _ g: ConvGeometry) {
+    let b = x.shape[0], o = w.shape[0], c = g.c, plane = g.oh * g.ow, inPlane = g.h * g.w
+    let (s, k) = g.direct!
+    let wsize = o * c * k * k, chunks = directChunks(b, o, g)
+    let whole = DirectLayout(g: g, n: b)
+    precondition(whole.readsInput || source != nil, "conv2d: the direct kernel's source was not kept for the backward")
+    let stackedGrad = g.stacksImages ? b * o * plane : 0
+    let inputGrad = gx != nil && (g.directPhases > 0 || g.stacksImages) ? b * whole.perImage : 0
+    let scratch = Tensor(uninitialized: [wsize * (chunks + 1) + stackedGrad + inputGrad], dtype: .float32)
+    let pt = scratch.pointer(Float.self), partial = pt + wsize
+    let pgs = partial + chunks * wsize, pdx = pgs + stackedGrad
+    kappa_conv_direct_backward_taps_f32(w.pointer(Float.self), o, c, s, k, pt)
     let px = x.pointer(Float.self), pg = gout.pointer(Float.self), pgx = gx?.pointer(Float.self)
-    let group = Swift.max(1, 12_544 / plane)
-    if g.stacksImages {
-        let per = (b + chunks - 1) / chunks * (2 * c + o) * plane
-        let stacked = Tensor(uninitialized: [chunks * per], dtype: .float32)
-        let ps = stacked.pointer(Float.self)
-        forEachImageChunk(b, chunks: chunks) { chunk, images in
-            let n = images.count, first = images.lowerBound
-            let gs = ps + chunk * per, xs = gs + n * o * plane, dxs = xs + n * c * plane
-            stackImages(pg + first * o * plane, gs, images: n, channels: o, plane: plane)
-            if let pgx {
-                kappa_conv3_forward_stacked_f32(gs, n, o, g.h, g.w, pt, c, dxs)
-                stackImages(dxs, pgx + first * c * plane, images: n, channels: c, plane: plane, back: true)
-            }
-            stackImages(px + first * c * plane, xs, images: n, channels: c, plane: plane)
-            let dw = partial + chunk * wsize
-            dw.update(repeating: 0, count: wsize)
-            kappa_conv3_weight_grad_stacked_f32(xs, gs, n, c, g.h, g.w, o, dw)
+    let psrc = source?.pointer(Float.self)
+    let group = g.stacksImages ? Int.max : Swift.max(1, 12_544 / plane)
+    forEachImageChunk(b, chunks: chunks) { chunk, images in
+        let first = images.lowerBound, n = images.count, lay = DirectLayout(g: g, n: n)
+        var grad = pg + first * o * plane
+        if g.stacksImages {
+            stackImages(grad, pgs + first * o * plane, images: n, channels: o, plane: plane)
+            grad = pgs + first * o * plane
         }
-    } else {
-        forEachImageChunk(b, chunks: chunks) { chunk, images in
-            if let pgx {
-                kappa_conv3_forward_f32(pg + images.lowerBound * o * plane, images.count, o, g.h, g.w, pt, c,
-                                        pgx + images.lowerBound * c * plane)
+        if let pgx {
+            if lay.readsInput {
+                kappa_conv_direct_input_grad_f32(grad, o * plane, n, o, g.oh, g.ow, 1, s, k, 0, pt, c,
+                                                 pgx + first * c * inPlane, c * inPlane)
+            } else {
+                let d = pdx + first * lay.perImage
+                kappa_conv_direct_input_grad_f32(grad, o * plane, lay.images, o, g.oh, g.ow, lay.stack, s, k,
+                                                 lay.phaseStride, pt, c, d, lay.imageStride)
+                if g.directPhases == 0 {
+                    stackImages(d, pgx + first * c * inPlane, images: n, channels: c, plane: plane, back: true)
+                } else {
+                    kappa_unphase2_f32(d, n, c, g.h, g.w, g.oh, g.ow, g.directPhases, pgx + first * c * inPlane,
+                                       lay.imageStride, lay.phaseStride, lay.channelStride)
+                }
             }
-            let dw = partial + chunk * wsize
-            dw.update(repeating: 0, count: wsize)
-            for first in stride(from: images.lowerBound, to: images.upperBound, by: group) {
-                let count = Swift.min(group, images.upperBound - first)
-                kappa_conv3_weight_grad_f32(px + first * c * plane, pg + first * o * plane, count, c, g.h, g.w, o, dw)
-            }
+        }
+        let src = psrc.map { $0 + first * lay.perImage } ?? px + first * c * inPlane
+        let dw = partial + chunk * wsize
+        dw.update(repeating: 0, count: wsize)
+        for start in stride(from: 0, to: lay.images, by: group) {
+            let count = Swift.min(group, lay.images - start)
+            kappa_conv_direct_weight_grad_f32(src + start * lay.imageStride, lay.imageStride, grad + start * o * plane,
+                                              o * plane, count, c, g.oh, g.ow, lay.stack, s, k, lay.phaseStride, o, dw)
         }
     }
     let pgw = gw.pointer(Float.self)
