@@ -21,6 +21,11 @@
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
 int kappa_conv_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
+#if defined(__OPTIMIZE__)
+int kappa_conv_direct_optimized(void) { return 1; }
+#else
+int kappa_conv_direct_optimized(void) { return 0; }
+#endif
 
 /// For each 16-pixel block k of a plane of `stack` h × w images one above the other and each
 /// direction d = 3(dy + 1) + (dx + 1): the lanes whose source pixel (y + dy, x + dx) lies
@@ -258,6 +263,7 @@ void kappa_conv_direct_backward_taps_f32(const float *w, long o, long c, long st
 #if !(defined(__x86_64__) && defined(__clang__))
 
 int kappa_conv_direct_available(void) { return 0; }
+int kappa_conv_direct_optimized(void) { return 0; }
 void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
                                    long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
                                    float *output, long out_stride) {

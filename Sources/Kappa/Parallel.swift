@@ -70,6 +70,42 @@ public enum HostKernels {
         }
     }
 
+    /// Whether the host can run the direct convolution kernels (AVX-512).
+    public static let hasDirectConvolution = kappa_conv_direct_available() != 0
+
+    /// Whether Float32 convolutions of the kinds a ResNet uses (3×3 with padding 1 at stride 1
+    /// or 2, 1×1 at stride 2) run the direct AVX-512 kernels instead of im2col and shifted
+    /// products through BLAS (as PyTorch's `torch.backends.mkldnn.enabled`). On by default
+    /// where the CPU has AVX-512 and the kernels were compiled with optimization (a release
+    /// build; a debug build's unoptimized kernels are slower than the BLAS path); the
+    /// environment variable `KAPPA_CONV_DIRECT=0` or `1` sets it at start-up. Turning it on
+    /// without AVX-512 is a programmer error. The two paths sum in different orders, so a run's
+    /// last digits depend on it.
+    public static var usesDirectConvolution: Bool {
+        get { directConvolutionOverride ?? directConvolution }
+        set {
+            precondition(!newValue || hasDirectConvolution,
+                         "HostKernels.usesDirectConvolution: this CPU lacks AVX-512 (vector level \(vectorLevel))")
+            directConvolution = newValue
+        }
+    }
+    /// Runs `body` with the direct convolution on or off for the current task only (as
+    /// PyTorch's `torch.backends.mkldnn.flags(enabled=...)`): concurrent work elsewhere keeps
+    /// ``usesDirectConvolution``.
+    public static func withDirectConvolution<R>(_ on: Bool, _ body: () throws -> R) rethrows -> R {
+        precondition(!on || hasDirectConvolution,
+                     "HostKernels.withDirectConvolution: this CPU lacks AVX-512 (vector level \(vectorLevel))")
+        return try $directConvolutionOverride.withValue(on, operation: body)
+    }
+    @TaskLocal private static var directConvolutionOverride: Bool?
+    nonisolated(unsafe) private static var directConvolution: Bool = {
+        switch ProcessInfo.processInfo.environment["KAPPA_CONV_DIRECT"] {
+        case "0": return false
+        case "1": return hasDirectConvolution
+        default: return hasDirectConvolution && kappa_conv_direct_optimized() != 0
+        }
+    }()
+
     /// OpenBLAS kernel families of the SSE era. An OpenBLAS older than the CPU it runs on
     /// (Debian 12's 0.3.21 on Sapphire or Emerald Rapids, for example) does not recognize its
     /// model number and falls back to one of these, whose `sgemm` is 4–5× slower there.

@@ -217,6 +217,33 @@ struct LayerTests {
         }
     }
 
+    /// The default DINOvMF backbone (ResNet-8 on 28² and 14² crops: every convolution a kind the
+    /// direct AVX-512 kernels run) gives the same features and parameter gradients through
+    /// the direct kernels as through im2col and BLAS, to Float32 rounding.
+    @Test func resNetThroughTheDirectConvolution() throws {
+        try #require(HostKernels.hasDirectConvolution, "the direct kernels need AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        for size in [28, 14] {
+            func run(direct: Bool) -> (features: [Float], gradients: [[Float]]) {
+                HostKernels.withDirectConvolution(direct) {
+                    var g = RandomGenerator(seed: 7)
+                    let resnet = ResNet(channels: 1, width: 8, using: &g)
+                    let x = Tensor.randomNormal([6, 1, size, size], using: &g)
+                    let y = resnet(x)
+                    (y * Tensor.randomNormal(y.shape, using: &g)).sum().backward()
+                    return (y.scalars(as: Float.self), resnet.parameters.map { $0.grad!.scalars(as: Float.self) })
+                }
+            }
+            let (direct, blas) = (run(direct: true), run(direct: false))
+            func worst(_ a: [Float], _ e: [Float]) -> Float {
+                zip(a, e).map { abs($0 - $1) }.max()! / max(e.map(abs).max()!, 1e-30)
+            }
+            #expect(worst(direct.features, blas.features) < 1e-4, "features at \(size)²")
+            for (i, (a, e)) in zip(direct.gradients, blas.gradients).enumerated() {
+                #expect(worst(a, e) < 1e-3, "gradient of parameter \(i) at \(size)²")
+            }
+        }
+    }
+
     @Test func resNetAndHead() {
         var g = RandomGenerator(seed: 5)
         let resnet = ResNet(channels: 1, width: 2, blocksPerStage: [1, 1], dtype: .float64, using: &g)

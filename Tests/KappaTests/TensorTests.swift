@@ -269,7 +269,14 @@ struct TensorTests {
                       (13, 9, 16, 4, 1, 3), (2, 9, 2, 1, 1, 3), (2, 2, 6, 9, 1, 3), (4, 4, 16, 16, 1, 3),
                       (28, 28, 8, 16, 2, 3), (14, 14, 16, 32, 2, 3), (7, 7, 5, 9, 2, 3), (9, 6, 3, 4, 2, 3),
                       (4, 4, 32, 64, 2, 3), (28, 28, 8, 16, 2, 1), (7, 7, 5, 9, 2, 1), (9, 6, 3, 20, 2, 1)])
-    func directConvolutionEqualsFloat64(h: Int, w: Int, c: Int, o: Int, stride: Int, kernel: Int) {
+    func directConvolutionEqualsFloat64(h: Int, w: Int, c: Int, o: Int, stride: Int, kernel: Int) throws {
+        // A debug build leaves the direct kernels off by default (unoptimized, they are slower
+        // than BLAS); they are what this test is for.
+        try #require(HostKernels.hasDirectConvolution, "the direct kernels need AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        HostKernels.withDirectConvolution(true) { checkDirectConvolution(h, w, c, o, stride, kernel) }
+    }
+
+    func checkDirectConvolution(_ h: Int, _ w: Int, _ c: Int, _ o: Int, _ stride: Int, _ kernel: Int) {
         let b = 5, pad = kernel / 2
         let oh = (h + 2 * pad - kernel) / stride + 1, ow = (w + 2 * pad - kernel) / stride + 1
         let x = randn([b, c, h, w], seed: 41), wt = randn([o, c, kernel, kernel], seed: 42)

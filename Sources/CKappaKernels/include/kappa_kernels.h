@@ -68,6 +68,9 @@ void kappa_narrow_f64(const double *src, double *dst, long images, long rows, lo
 // laid out [n][c][h][w], with in_stride / out_stride between images). Weights as taps from
 // kappa_conv_direct_forward_taps_f32 / kappa_conv_direct_backward_taps_f32.
 int kappa_conv_direct_available(void);
+// Whether conv_direct.c was compiled with optimization (a debug build's -O0 kernels are
+// slower than the shifted products through an optimized BLAS).
+int kappa_conv_direct_optimized(void);
 void kappa_conv_direct_forward_taps_f32(const float *w, long o, long c, long kernel, float *wt);
 void kappa_conv_direct_backward_taps_f32(const float *w, long o, long c, long stride, long kernel, float *wtb);
 // output[n][oc] = Σ_ci,taps w · input[n][ci] at the tap's phase and offset (0 outside the image).

@@ -1,5 +1,4 @@
 import CKappaKernels
-import Foundation
 
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
@@ -224,11 +223,16 @@ struct ConvGeometry {
     let c: Int, h: Int, w: Int, kh: Int, kw: Int
     let sh: Int, sw: Int, ph: Int, pw: Int, dh: Int, dw: Int
     let oh: Int, ow: Int
+    /// The direct kernel that runs this convolution in Float32, if any (``direct(kh:kw:sh:sw:ph:pw:dh:dw:oh:ow:)``),
+    /// decided once, when the op runs: ``HostKernels/usesDirectConvolution`` may be set for one
+    /// task only, and the kernels' chunks run on other threads.
+    let direct: (stride: Int, kernel: Int)?
     init(c: Int, h: Int, w: Int, kh: Int, kw: Int, stride: Size2, padding: Size2, dilation: Size2) {
         (self.c, self.h, self.w, self.kh, self.kw) = (c, h, w, kh, kw)
         (sh, sw, ph, pw, dh, dw) = (stride.height, stride.width, padding.height, padding.width, dilation.height, dilation.width)
         oh = outputSize(h, kh, sh, ph, dh)
         ow = outputSize(w, kw, sw, pw, dw)
+        direct = ConvGeometry.direct(kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
     var colRows: Int { c * kh * kw }
     var colCols: Int { oh * ow }
@@ -238,12 +242,13 @@ extension ConvGeometry {
     var c_geometry: kappa_conv_geometry {
         kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
-    /// The direct kernel (`conv_direct.c`) that runs this convolution in Float32 where the CPU
-    /// has AVX-512, if any: 3×3 with padding 1 at stride 1 (reading the images in place) or 2
+    /// The direct kernel (`conv_direct.c`) for a convolution in Float32 where the CPU has
+    /// AVX-512 and ``HostKernels/usesDirectConvolution`` is on, if any: 3×3 with padding 1 at stride 1 (reading the images in place) or 2
     /// (reading their four phases), 1×1 at stride 2 (phase (0, 0)); outputs of at most 128²
     /// pixels.
-    var direct: (stride: Int, kernel: Int)? {
-        guard ConvGeometry.directAvailable, dh == 1, dw == 1, sh == sw, kh == kw, oh * ow <= 128 * 128 else { return nil }
+    static func direct(kh: Int, kw: Int, sh: Int, sw: Int, ph: Int, pw: Int, dh: Int, dw: Int, oh: Int,
+                               ow: Int) -> (stride: Int, kernel: Int)? {
+        guard HostKernels.usesDirectConvolution, dh == 1, dw == 1, sh == sw, kh == kw, oh * ow <= 128 * 128 else { return nil }
         if kh == 3 && ph == 1 && pw == 1 && (sh == 1 || sh == 2) { return (sh, 3) }
         if kh == 1 && ph == 0 && pw == 0 && sh == 2 { return (2, 1) }
         return nil
@@ -253,9 +258,6 @@ extension ConvGeometry {
     var stacksImages: Bool { oh * ow < 64 }
     /// The stride-2 phases the direct kernel reads (0 at stride 1: the image itself).
     var directPhases: Int { direct.map { $0.stride == 1 ? 0 : ($0.kernel == 1 ? 1 : 4) } ?? 0 }
-    /// Whether the host runs the direct kernel (`KAPPA_CONV_DIRECT=0` turns it off, to compare).
-    static let directAvailable: Bool = kappa_conv_direct_available() != 0
-        && ProcessInfo.processInfo.environment["KAPPA_CONV_DIRECT"] != "0"
     /// A 1×1 convolution at stride 1 without padding: the image is its own column matrix.
     var isPointwise: Bool { kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 }
     /// The phases of the padded image (stride sh × sw gives sh·sw of them, each hq × wq):
