@@ -33,18 +33,22 @@ int kappa_conv_direct_optimized(void) { return 0; }
 /// masks[blocks·9 + k] the lanes inside the plane.
 static void conv_masks(long h, long w, long stack, __mmask16 *masks) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
+    long y = 0, x = 0;  // the pixel of lane l of block k, walked without divisions
     for (long k = 0; k < blocks; k++) {
         unsigned dir[9] = {0}, inside = 0;
-        for (long l = 0; l < 16; l++) {
-            long p = 16 * k + l;
-            if (p >= plane) break;
-            inside |= 1u << l;
-            long y = (p / w) % h, x = p % w;
+        for (long l = 0; l < 16 && 16 * k + l < plane; l++) {
+            unsigned bit = 1u << l;
+            inside |= bit;
+            unsigned rows = (y > 0 ? 1u : 0u) | 2u | (y + 1 < h ? 4u : 0u);  // dy = −1, 0, 1 inside
+            unsigned cols = (x > 0 ? 1u : 0u) | 2u | (x + 1 < w ? 4u : 0u);
             for (long i = 0; i < 3; i++)
-                for (long j = 0; j < 3; j++) {
-                    long iy = y + i - 1, ix = x + j - 1;
-                    if (iy >= 0 && iy < h && ix >= 0 && ix < w) dir[i * 3 + j] |= 1u << l;
-                }
+                if (rows >> i & 1)
+                    for (long j = 0; j < 3; j++)
+                        if (cols >> j & 1) dir[i * 3 + j] |= bit;
+            if (++x == w) {
+                x = 0;
+                if (++y == h) y = 0;
+            }
         }
         for (long d = 0; d < 9; d++) masks[k * 9 + d] = (__mmask16)dir[d];
         masks[blocks * 9 + k] = (__mmask16)inside;
@@ -135,8 +139,7 @@ KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long i
                     _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                                \
                         gv[j] = _mm512_maskz_loadu_ps(inside[k], gs + j * plane + 16 * k);                         \
                     _Pragma("clang loop unroll(full)") for (int t = 0; t < TAPS; t++) {                            \
-                        __m512 xv = _mm512_maskz_loadu_ps(masks[k * 9 + tp->dir[t]],                               \
-                                                          xs + tp->base[t] + 16 * k + off[tp->dir[t]]);            \
+                        __m512 xv = _mm512_maskz_loadu_ps(tmask[k * TAPS + t], xs + xoff[t] + 16 * k);             \
                         _Pragma("clang loop unroll(full)") for (int j = 0; j < OB; j++)                            \
                             acc[j][t] = _mm512_fmadd_ps(gv[j], xv, acc[j][t]);                                     \
                     }                                                                                              \
@@ -156,11 +159,19 @@ KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, co
     __mmask16 masks[blocks * 10];
     conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
-    long off[9];
-    for (long d = 0; d < 9; d++) off[d] = (d / 3 - 1) * w + (d % 3 - 1);
+    // Each tap's source offset and, block by block, its mask, in tap order (no lookups through
+    // the tap's direction in the inner loop).
+    long xoff[9];
+    __mmask16 tmask[blocks * tp->taps];
+    for (long t = 0; t < tp->taps; t++) {
+        int d = tp->dir[t];
+        xoff[t] = tp->base[t] + (d / 3 - 1) * w + (d % 3 - 1);
+        for (long k = 0; k < blocks; k++) tmask[k * tp->taps + t] = masks[k * 9 + d];
+    }
     long ob = 0;
     if (tp->taps == 9) {
         for (; ob + 3 <= o; ob += 3) CONV_WEIGHT_BLOCK(3, 9);
+        for (; ob + 2 <= o; ob += 2) CONV_WEIGHT_BLOCK(2, 9);
         for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 9);
     } else {
         for (; ob + 8 <= o; ob += 8) CONV_WEIGHT_BLOCK(8, 1);
@@ -288,26 +299,26 @@ void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long ima
 
 #endif
 
-// The phases of stride 2 on the output's grid (oh × ow), zero where 2y + a or 2x + b falls
-// past the image; and back (every pixel written: phases ≥ count give 0).
+// The phases of stride 2 on the output's grid, zero where 2y + a or 2x + b falls past the
+// image; and back (every pixel written: phases ≥ count give 0).
 void kappa_phase2_f32(const float *x, long images, long c, long h, long w, long oh, long ow, long count, float *dst,
                       long img_stride, long phase_stride, long chan_stride) {
     for (long n = 0; n < images; n++)
         for (long ph = 0; ph < count; ph++) {
             long a = ph / 2, b = ph % 2;
+            long valid = (w - b + 1) / 2;  // columns with 2x + b < w
+            if (valid > ow) valid = ow;
             for (long ci = 0; ci < c; ci++) {
                 const float *src = x + (n * c + ci) * h * w;
                 float *d = dst + n * img_stride + ph * phase_stride + ci * chan_stride;
                 for (long y = 0; y < oh; y++) {
                     long iy = 2 * y + a;
-                    float *row = d + y * ow;
+                    float *restrict row = d + y * ow;
                     if (iy >= h) {
                         for (long xo = 0; xo < ow; xo++) row[xo] = 0;
                         continue;
                     }
-                    const float *s = src + iy * w + b;
-                    long valid = (w - b + 1) / 2;  // columns with 2x + b < w
-                    if (valid > ow) valid = ow;
+                    const float *restrict s = src + iy * w + b;
                     for (long xo = 0; xo < valid; xo++) row[xo] = s[2 * xo];
                     for (long xo = valid; xo < ow; xo++) row[xo] = 0;
                 }
@@ -320,14 +331,28 @@ void kappa_unphase2_f32(const float *src, long images, long c, long h, long w, l
     for (long n = 0; n < images; n++)
         for (long ci = 0; ci < c; ci++) {
             float *d = x + (n * c + ci) * h * w;
-            for (long iy = 0; iy < h; iy++) {
-                long a = iy % 2, y = iy / 2;
-                for (long ix = 0; ix < w; ix++) {
-                    long b = ix % 2, ph = a * 2 + b;
-                    d[iy * w + ix] = ph < count && y < oh && ix / 2 < ow
-                        ? src[n * img_stride + ph * phase_stride + ci * chan_stride + y * ow + ix / 2]
-                        : 0;
+            if (count < 4)
+                for (long i = 0; i < h * w; i++) d[i] = 0;
+            for (long ph = 0; ph < count; ph++) {
+                long a = ph / 2, b = ph % 2;
+                long valid = (w - b + 1) / 2;
+                if (valid > ow) valid = ow;
+                const float *s = src + n * img_stride + ph * phase_stride + ci * chan_stride;
+                for (long y = 0; y < oh && 2 * y + a < h; y++) {
+                    const float *restrict row = s + y * ow;
+                    float *restrict out = d + (2 * y + a) * w + b;
+                    for (long xo = 0; xo < valid; xo++) out[2 * xo] = row[xo];
                 }
             }
+        }
+}
+
+// [images][channels][plane] → [channels][images][plane], or back.
+void kappa_stack_images_f32(const float *src, float *dst, long images, long channels, long plane, int back) {
+    for (long n = 0; n < images; n++)
+        for (long ch = 0; ch < channels; ch++) {
+            const float *restrict s = src + (back ? (ch * images + n) : (n * channels + ch)) * plane;
+            float *restrict d = dst + (back ? (n * channels + ch) : (ch * images + n)) * plane;
+            for (long i = 0; i < plane; i++) d[i] = s[i];
         }
 }

@@ -91,6 +91,8 @@ void kappa_phase2_f32(const float *x, long images, long c, long h, long w, long 
                       long img_stride, long phase_stride, long chan_stride);
 void kappa_unphase2_f32(const float *src, long images, long c, long h, long w, long oh, long ow, long count,
                         float *x, long img_stride, long phase_stride, long chan_stride);
+// [images][channels][plane] → [channels][images][plane] (back: the reverse).
+void kappa_stack_images_f32(const float *src, float *dst, long images, long channels, long plane, int back);
 
 // Batch normalization over [n, c, l] (channel axis in the middle, l contiguous), for the
 // channels c0..<c1. Statistics: mean and 1/sqrt(var + eps) (biased variance, two passes,

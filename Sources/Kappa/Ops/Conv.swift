@@ -576,10 +576,7 @@ private func directForward(_ x: Tensor, _ w: Tensor, _ out: Tensor, _ g: ConvGeo
 /// [images, channels, plane] → [channels, images, plane], or back.
 private func stackImages(_ src: UnsafeMutablePointer<Float>, _ dst: UnsafeMutablePointer<Float>, images: Int,
                          channels: Int, plane: Int, back: Bool = false) {
-    for n in 0..<images { for ch in 0..<channels {
-        let a = (n * channels + ch) * plane, s = (ch * images + n) * plane
-        if back { (dst + a).update(from: src + s, count: plane) } else { (dst + s).update(from: src + a, count: plane) }
-    } }
+    kappa_stack_images_f32(src, dst, images, channels, plane, back ? 1 : 0)
 }
 
 /// Backward of a direct convolution: the input gradient (when `gx` is given) from the output
