@@ -2,11 +2,14 @@ import CKappaKernels
 
 // Convolution, pooling and resizing of image batches [B, C, H, W].
 //
-// conv2d is im2col (C kernels on the zero-padded image) and BLAS products, one per image or,
-// where an image's output is small, one per group of images sharing a column matrix; the
-// images are split over the cores. Its VJP recomputes the columns (trading a cheap copy for
-// memory), gets the weight gradient as Σ G·colsᵀ and the input gradient as col2im(Wᵀ·G). Pooling and resizing are explicit
-// window/tap kernels whose VJPs scatter the gradient back through the same windows/taps.
+// conv2d has three paths, the images split over the cores in each: in Float32 on AVX-512, the
+// ResNet's kinds (3×3 with padding 1 at stride 1 or 2, 1×1 at stride 2) run the direct kernels
+// of conv_direct.c on the images in place (``ConvGeometry/direct``); otherwise, on the "wide
+// grid", a sum of kh·kw BLAS products over the padded image's phases read in place; otherwise
+// im2col (C kernels on the zero-padded image) and one BLAS product per image or, where an
+// image's output is small, per group of images sharing a column matrix, the VJP rebuilding
+// the columns for Σ G·colsᵀ and col2im(Wᵀ·G). Pooling and resizing are explicit window/tap
+// kernels whose VJPs scatter the gradient back through the same windows/taps.
 
 /// A pair of sizes for the two spatial axes (height, width).
 public struct Size2: Equatable, Sendable, ExpressibleByIntegerLiteral {
