@@ -201,7 +201,7 @@ extension DINOConfiguration {
     /// single fields: the method's switches, the backbone for images of `imageSize` pixels and
     /// `channels` channels (ViTs take patches of 7 where the size divides by 7, else 4; epochs 20,
     /// 30 for `vit-stem`, and base learning rate 2e-3 instead of the ResNet's 10 and 1e-2; 30
-    /// epochs of iBOT-vMF on `vit-stem` took 6.5 minutes on this machine's two cores), views of that size
+    /// epochs of iBOT-vMF on `vit-stem` took 5.9 minutes on this machine's two cores), views of that size
     /// (local crops half the size, a multiple of the patch; none for `vit-stem`, which learns
     /// more from the two global crops alone on MNIST and on the built-in shapes, docs/vit.md), and iBOT's patch term. With
     /// `mixedPolarity` (data that draws light-on-dark and dark-on-light images at random, as the
