@@ -300,6 +300,12 @@ struct TensorTests {
         (x.to(.float32).conv2d(weight: w2, stride: Size2(stride, stride), padding: Size2(pad, pad)) * gy.to(.float32))
             .sum().backward()
         #expect(w2.grad!.scalars(as: Float.self) == w32.grad!.scalars(as: Float.self))
+        // An empty batch gives an empty output and a zero weight gradient.
+        let w0 = wt.to(.float32).requiringGrad()
+        let y0 = Tensor.zeros([0, c, h, w]).conv2d(weight: w0, stride: Size2(stride, stride), padding: Size2(pad, pad))
+        #expect(y0.shape == [0, o, oh, ow])
+        y0.sum().backward()
+        #expect(w0.grad!.scalars(as: Float.self).allSatisfy { $0 == 0 })
     }
 
     /// Binary and `where` ops large enough to be split over the cores by rows, on a permuted

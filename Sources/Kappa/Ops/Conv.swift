@@ -55,15 +55,19 @@ extension Tensor {
         precondition(geo.oh > 0 && geo.ow > 0,
                      "conv2d: input \(shape) is smaller than the dilated kernel \(weight.shape) with padding \(padding.height)×\(padding.width)")
         let x = contiguousData(), wt = weight.contiguousData()
-        let out = Tensor(uninitialized: [b, o, geo.oh, geo.ow], dtype: dtype)
+        // No images, channels or outputs: nothing to multiply (the kernels size their scratch
+        // by the batch), so the output is zeros and so are the gradients.
+        let empty = x.count == 0 || b * o == 0
+        let out = empty ? Tensor.zeros([b, o, geo.oh, geo.ow], dtype: dtype) : Tensor(uninitialized: [b, o, geo.oh, geo.ow], dtype: dtype)
         // On the wide grid the backward reads the same phases of the padded images as the
         // forward: when gradients will be taken, the forward keeps them (a padded copy of the
         // input) instead of the backward building them again.
         let recording = Tape.isRecording && (requiresGrad || weight.requiresGrad)
-        let direct = dtype == .float32 ? geo.direct : nil
+        let direct = dtype == .float32 && !empty ? geo.direct : nil
         let phases = geo.isWide && direct == nil && recording ? Tensor(uninitialized: [b * geo.paddedSize], dtype: dtype) : nil
         var source: Tensor?
         switch dtype {
+        case _ where empty: break
         case .float32 where direct != nil: source = directForward(x, wt, out, geo, keep: recording)
         case .float32: convForward(x, wt, out, geo, phases, Float.self)
         case .float64: convForward(x, wt, out, geo, phases, Double.self)
@@ -71,8 +75,10 @@ extension Tensor {
         let needsInputGradient = requiresGrad
         Tape.record("conv2d", [self, weight], out) { g in
             let gc = g.contiguousData()
-            let gx = Tensor(uninitialized: x.shape, dtype: x.dtype), gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
+            let gx = empty ? Tensor.zeros(x.shape, dtype: x.dtype) : Tensor(uninitialized: x.shape, dtype: x.dtype)
+            let gw = Tensor.zeros(wt.shape, dtype: wt.dtype)
             switch x.dtype {
+            case _ where empty: break
             case .float32 where direct != nil:
                 directBackward(x, source, wt, gc, needsInputGradient ? gx : nil, gw, geo)
                 return [needsInputGradient ? gx : nil, gw]
