@@ -59,11 +59,12 @@ extension Tensor {
         // by the batch), so the output is zeros and so are the gradients.
         let empty = x.count == 0 || b * o == 0
         let out = empty ? Tensor.zeros([b, o, geo.oh, geo.ow], dtype: dtype) : Tensor(uninitialized: [b, o, geo.oh, geo.ow], dtype: dtype)
-        // On the wide grid the backward reads the same phases of the padded images as the
-        // forward: when gradients will be taken, the forward keeps them (a padded copy of the
-        // input) instead of the backward building them again.
         let recording = Tape.isRecording && (requiresGrad || weight.requiresGrad)
         let direct = dtype == .float32 && !empty ? geo.direct : nil
+        // On the wide grid the backward reads the same phases of the padded images as the
+        // forward: when gradients will be taken, the forward keeps them (a padded copy of the
+        // input) instead of the backward building them again. The direct kernels keep their
+        // source (phases, stacked images) the same way.
         let phases = geo.isWide && direct == nil && recording ? Tensor(uninitialized: [b * geo.paddedSize], dtype: dtype) : nil
         var source: Tensor?
         switch dtype {
@@ -232,9 +233,10 @@ struct ConvGeometry {
     let c: Int, h: Int, w: Int, kh: Int, kw: Int
     let sh: Int, sw: Int, ph: Int, pw: Int, dh: Int, dw: Int
     let oh: Int, ow: Int
-    /// The direct kernel that runs this convolution in Float32, if any (``direct(kh:kw:sh:sw:ph:pw:dh:dw:oh:ow:)``),
-    /// decided once, when the op runs: ``HostKernels/usesDirectConvolution`` may be set for one
-    /// task only, and the kernels' chunks run on other threads.
+    /// The direct kernel that runs this convolution in Float32, if any
+    /// (``direct(kh:kw:sh:sw:ph:pw:dh:dw:oh:ow:)``), decided once, when the op runs:
+    /// ``HostKernels/usesDirectConvolution`` may be set for one task only, and the kernels'
+    /// chunks run on other threads.
     let direct: (stride: Int, kernel: Int)?
     init(c: Int, h: Int, w: Int, kh: Int, kw: Int, stride: Size2, padding: Size2, dilation: Size2) {
         (self.c, self.h, self.w, self.kh, self.kw) = (c, h, w, kh, kw)
@@ -252,11 +254,11 @@ extension ConvGeometry {
         kappa_conv_geometry(c: c, h: h, w: w, kh: kh, kw: kw, sh: sh, sw: sw, ph: ph, pw: pw, dh: dh, dw: dw, oh: oh, ow: ow)
     }
     /// The direct kernel (`conv_direct.c`) for a convolution in Float32 where the CPU has
-    /// AVX-512 and ``HostKernels/usesDirectConvolution`` is on, if any: 3×3 with padding 1 at stride 1 (reading the images in place) or 2
-    /// (reading their four phases), 1×1 at stride 2 (phase (0, 0)); outputs of at most 128²
-    /// pixels.
+    /// AVX-512 and ``HostKernels/usesDirectConvolution`` is on, if any: 3×3 with padding 1 at
+    /// stride 1 (reading the images in place) or 2 (reading their four phases), 1×1 at stride 2
+    /// (phase (0, 0)); outputs of at most 128² pixels.
     static func direct(kh: Int, kw: Int, sh: Int, sw: Int, ph: Int, pw: Int, dh: Int, dw: Int, oh: Int,
-                               ow: Int) -> (stride: Int, kernel: Int)? {
+                       ow: Int) -> (stride: Int, kernel: Int)? {
         guard HostKernels.usesDirectConvolution, dh == 1, dw == 1, sh == sw, kh == kw, oh * ow <= 128 * 128 else { return nil }
         if kh == 3 && ph == 1 && pw == 1 && (sh == 1 || sh == 2) { return (sh, 3) }
         if kh == 1 && ph == 0 && pw == 0 && sh == 2 { return (2, 1) }
@@ -517,8 +519,6 @@ private func convBackward<T: TensorScalar>(_ x: Tensor, _ w: Tensor, _ gout: Ten
 /// image, phase and channel starts in it.
 private struct DirectLayout {
     let g: ConvGeometry, n: Int
-    var stride: Int { g.direct!.stride }
-    var kernel: Int { g.direct!.kernel }
     var plane: Int { g.oh * g.ow }
     /// Source elements per image (the whole source is laid out chunk after chunk).
     var perImage: Int { Swift.max(1, g.directPhases) * g.c * plane }
