@@ -17,6 +17,12 @@
 
 #if defined(__x86_64__) && defined(__clang__)
 #include <immintrin.h>
+#include <stdlib.h>
+
+// The mask tables live on the stack up to this many blocks (a plane of 256K pixels, 620 KB
+// with the weight gradient's table) and on the heap beyond (thousands of small images stacked
+// in one chunk), so a worker thread's stack (4 MB) never overflows.
+#define KAPPA_STACK_BLOCKS 16384L
 
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
@@ -96,7 +102,10 @@ KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long i
                                       long stack, const conv_taps *tp, const float *wt, long o, float *output,
                                       long out_stride) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
-    __mmask16 masks[blocks * 10];
+    int heap = blocks > KAPPA_STACK_BLOCKS;
+    __mmask16 local[heap ? 1 : blocks * 10];
+    __mmask16 *masks = heap ? malloc(sizeof(__mmask16) * blocks * 10) : local;
+    if (!masks) __builtin_trap();
     conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
@@ -121,6 +130,7 @@ KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long i
                 CONV_BLOCK(1);
             }
     }
+    if (heap) free(masks);
 }
 
 // dw[oc][ci][t] += Σ_pixels g[oc][p]·src[ci][p + tap t] (masked) for OB output channels and
@@ -156,13 +166,16 @@ KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, co
                                           long images, long c, long h, long w, long stack, const conv_taps *tp,
                                           long o, float *dw) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
-    __mmask16 masks[blocks * 10];
+    int heap = blocks > KAPPA_STACK_BLOCKS;
+    __mmask16 local[heap ? 1 : blocks * 10], local_t[heap ? 1 : blocks * tp->taps];
+    __mmask16 *masks = heap ? malloc(sizeof(__mmask16) * blocks * 10) : local;
+    __mmask16 *tmask = heap ? malloc(sizeof(__mmask16) * blocks * tp->taps) : local_t;
+    if (!masks || !tmask) __builtin_trap();
     conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     // Each tap's source offset and, block by block, its mask, in tap order (no lookups through
     // the tap's direction in the inner loop).
     long xoff[9];
-    __mmask16 tmask[blocks * tp->taps];
     for (long t = 0; t < tp->taps; t++) {
         int d = tp->dir[t];
         xoff[t] = tp->base[t] + (d / 3 - 1) * w + (d % 3 - 1);
@@ -176,6 +189,10 @@ KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, co
     } else {
         for (; ob + 8 <= o; ob += 8) CONV_WEIGHT_BLOCK(8, 1);
         for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 1);
+    }
+    if (heap) {
+        free(masks);
+        free(tmask);
     }
 }
 

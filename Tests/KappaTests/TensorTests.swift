@@ -276,8 +276,15 @@ struct TensorTests {
         HostKernels.withDirectConvolution(true) { checkDirectConvolution(h, w, c, o, stride, kernel) }
     }
 
-    func checkDirectConvolution(_ h: Int, _ w: Int, _ c: Int, _ o: Int, _ stride: Int, _ kernel: Int) {
-        let b = 5, pad = kernel / 2
+    /// Thousands of 7×7 images stacked in one chunk: the kernels' mask tables move from the
+    /// stack to the heap past 16,384 blocks of 16 pixels.
+    @Test func directConvolutionOfAManyImageStack() throws {
+        try #require(HostKernels.hasDirectConvolution, "the direct kernels need AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        HostKernels.withDirectConvolution(true) { checkDirectConvolution(7, 7, 1, 2, 1, 3, batch: 12_000) }
+    }
+
+    func checkDirectConvolution(_ h: Int, _ w: Int, _ c: Int, _ o: Int, _ stride: Int, _ kernel: Int, batch b: Int = 5) {
+        let pad = kernel / 2
         let oh = (h + 2 * pad - kernel) / stride + 1, ow = (w + 2 * pad - kernel) / stride + 1
         let x = randn([b, c, h, w], seed: 41), wt = randn([o, c, kernel, kernel], seed: 42)
         let gy = randn([b, o, oh, ow], seed: 43)
