@@ -281,7 +281,7 @@ extension Tensor {
     /// Defines a differentiable op from a forward function and its vector-Jacobian product,
     /// in the shape of JAX's `custom_vjp` (PyTorch: `autograd.Function` with
     /// `ctx.save_for_backward`). The library's own fused ops (``layerNorm(weight:bias:eps:)``,
-    /// ``batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:)``,
+    /// ``batchNorm(weight:bias:runningMean:runningVariance:training:momentum:eps:applyingReLU:synchronizing:)``,
     /// ``selfAttention(heads:scale:)``) are written this way.
     ///
     /// `forward` runs once, with recording off, on detached copies of `inputs`, and returns

@@ -6,7 +6,7 @@
 /// share storage; ``contiguous()`` copies only when a kernel needs dense data.
 ///
 /// Tensors are values for all the library's ops: no op writes into its inputs. A tensor with
-/// ``requiresGrad`` set is a leaf whose ``grad`` receives gradients from ``backward(_:retainGraph:)``.
+/// ``requiresGrad`` set is a leaf whose ``grad`` receives gradients from ``backward(_:retainGraph:onGradientReady:)``.
 public final class Tensor {
     /// The size of each dimension.
     public let shape: [Int]
@@ -21,7 +21,7 @@ public final class Tensor {
     var gradFn: Node?
     var _requiresGrad = false
 
-    /// The accumulated gradient of a leaf after ``backward(_:retainGraph:)``, or `nil`.
+    /// The accumulated gradient of a leaf after ``backward(_:retainGraph:onGradientReady:)``, or `nil`.
     public var grad: Tensor?
 
     init(storage: Storage, shape: [Int], strides: [Int], offset: Int, dtype: DType) {
