@@ -48,7 +48,7 @@ var rng = RandomGenerator(seed: 1)
 if let t = ProcessInfo.processInfo.environment["THREADS"].flatMap({ Int($0) }), t >= 1 { Threads.count = t }
 let sections = Set(CommandLine.arguments.dropFirst())
 func wants(_ name: String) -> Bool { sections.isEmpty || sections.contains(name) }
-print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.vectorLevel)\(HostKernels.usesDirectConvolution ? ", direct convolutions" : "")); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory, and allreduce, ddp-step (under mpirun)\n")
+print("Kappa core benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, \(Threads.count) threads; OpenBLAS \(HostKernels.openBLASCore) kernels, Kappa's C kernels \(HostKernels.kernelSummary)); sections: matmul elementwise overhead vmf vit step (or ref-micro ref-tiny ref-resnet ref-ibot-micro) memory, and allreduce, ddp-step (under mpirun)\n")
 
 if wants("matmul") {
 

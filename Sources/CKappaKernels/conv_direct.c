@@ -19,10 +19,10 @@
 #include <immintrin.h>
 #include <stdlib.h>
 
-// The mask tables live on the stack up to this many blocks (a plane of 256K pixels, 620 KB
-// with the weight gradient's table) and on the heap beyond (thousands of small images stacked
+// The mask tables live in a caller's buffer on the stack up to this many blocks (a plane of
+// 64K pixels; 150 KB for both tables) and on the heap beyond (thousands of small images stacked
 // in one chunk), so a worker thread's stack (4 MB) never overflows.
-#define KAPPA_STACK_BLOCKS 16384L
+#define KAPPA_STACK_BLOCKS 4096L
 
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 
@@ -61,6 +61,18 @@ static void conv_masks(long h, long w, long stack, __mmask16 *masks) {
     }
 }
 
+/// `count` masks in `local` (KAPPA_STACK_BLOCKS · 10 of them) when they fit, else on the heap;
+/// release with release_masks.
+static __mmask16 *mask_buffer(long count, __mmask16 *local) {
+    if (count <= KAPPA_STACK_BLOCKS * 10) return local;
+    __mmask16 *m = malloc(sizeof(__mmask16) * count);
+    if (!m) __builtin_trap();
+    return m;
+}
+static void release_masks(__mmask16 *m, __mmask16 *local) {
+    if (m != local) free(m);
+}
+
 /// A convolution as a list of taps: tap t reads source channel ci at
 /// src + base[t] + ci·plane + p + off(dir[t]), masked by direction dir[t], with the weights
 /// wt[(t·c + ci)·o + oc].
@@ -97,16 +109,12 @@ typedef struct {
         }                                                                                                          \
     } while (0)
 
-/// output[n][oc] (images out_stride apart) from input[n] (in_stride apart) through the taps.
+/// output[n][oc] (images out_stride apart) from input[n] (in_stride apart) through the taps,
+/// with the grid's masks (conv_masks).
 KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long images, long c, long h, long w,
-                                      long stack, const conv_taps *tp, const float *wt, long o, float *output,
-                                      long out_stride) {
+                                      long stack, const __mmask16 *masks, const conv_taps *tp, const float *wt,
+                                      long o, float *output, long out_stride) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
-    int heap = blocks > KAPPA_STACK_BLOCKS;
-    __mmask16 local[heap ? 1 : blocks * 10];
-    __mmask16 *masks = heap ? malloc(sizeof(__mmask16) * blocks * 10) : local;
-    if (!masks) __builtin_trap();
-    conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     long off[9];
     for (long d = 0; d < 9; d++) off[d] = (d / 3 - 1) * w + (d % 3 - 1);
@@ -130,7 +138,6 @@ KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long i
                 CONV_BLOCK(1);
             }
     }
-    if (heap) free(masks);
 }
 
 // dw[oc][ci][t] += Σ_pixels g[oc][p]·src[ci][p + tap t] (masked) for OB output channels and
@@ -161,16 +168,14 @@ KAPPA_AVX512 static void conv_forward(const float *input, long in_stride, long i
         }                                                                                                          \
     } while (0)
 
-/// dw[oc][ci][t] += Σ_n,p grad[n][oc][p] · (tap t of input[n][ci] at p), for 9 taps or 1.
-KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, const float *grad, long g_stride,
-                                          long images, long c, long h, long w, long stack, const conv_taps *tp,
-                                          long o, float *dw) {
+/// dw[oc][ci][t] += Σ_n,p grad[n][oc][p] · (tap t of input[n][ci] at p), for 9 taps or 1, over
+/// the images in groups of `group` (each group's sums reduced and added to dw in turn).
+KAPPA_AVX512 static void conv_weight_grad(const float *all_input, long in_stride, const float *all_grad,
+                                          long g_stride, long all_images, long group, long c, long h, long w,
+                                          long stack, const conv_taps *tp, long o, float *dw) {
     long plane = stack * h * w, blocks = (plane + 15) / 16;
-    int heap = blocks > KAPPA_STACK_BLOCKS;
-    __mmask16 local[heap ? 1 : blocks * 10], local_t[heap ? 1 : blocks * tp->taps];
-    __mmask16 *masks = heap ? malloc(sizeof(__mmask16) * blocks * 10) : local;
-    __mmask16 *tmask = heap ? malloc(sizeof(__mmask16) * blocks * tp->taps) : local_t;
-    if (!masks || !tmask) __builtin_trap();
+    __mmask16 local[KAPPA_STACK_BLOCKS * 10], local_t[KAPPA_STACK_BLOCKS * 10];
+    __mmask16 *masks = mask_buffer(blocks * 10, local), *tmask = mask_buffer(blocks * tp->taps, local_t);
     conv_masks(h, w, stack, masks);
     const __mmask16 *inside = masks + blocks * 9;
     // Each tap's source offset and, block by block, its mask, in tap order (no lookups through
@@ -181,19 +186,20 @@ KAPPA_AVX512 static void conv_weight_grad(const float *input, long in_stride, co
         xoff[t] = tp->base[t] + (d / 3 - 1) * w + (d % 3 - 1);
         for (long k = 0; k < blocks; k++) tmask[k * tp->taps + t] = masks[k * 9 + d];
     }
-    long ob = 0;
-    if (tp->taps == 9) {
-        for (; ob + 3 <= o; ob += 3) CONV_WEIGHT_BLOCK(3, 9);
-        for (; ob + 2 <= o; ob += 2) CONV_WEIGHT_BLOCK(2, 9);
-        for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 9);
-    } else {
-        for (; ob + 8 <= o; ob += 8) CONV_WEIGHT_BLOCK(8, 1);
-        for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 1);
+    for (long first = 0; first < all_images; first += group) {
+        const float *input = all_input + first * in_stride, *grad = all_grad + first * g_stride;
+        long images = all_images - first < group ? all_images - first : group, ob = 0;
+        if (tp->taps == 9) {
+            for (; ob + 3 <= o; ob += 3) CONV_WEIGHT_BLOCK(3, 9);
+            for (; ob + 2 <= o; ob += 2) CONV_WEIGHT_BLOCK(2, 9);
+            for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 9);
+        } else {
+            for (; ob + 8 <= o; ob += 8) CONV_WEIGHT_BLOCK(8, 1);
+            for (; ob < o; ob++) CONV_WEIGHT_BLOCK(1, 1);
+        }
     }
-    if (heap) {
-        free(masks);
-        free(tmask);
-    }
+    release_masks(masks, local);
+    release_masks(tmask, local_t);
 }
 
 /// The taps of the forward: stride 1, 3×3 (the image itself); stride 2, 3×3 (the phases,
@@ -220,27 +226,33 @@ static conv_taps forward_taps(long stride, long kernel, long phase_stride) {
     return tp;
 }
 
-void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
-                                   long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
-                                   float *output, long out_stride) {
+KAPPA_AVX512 void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h,
+                                                long w, long stack, long stride, long kernel, long phase_stride,
+                                                const float *wt, long o, float *output, long out_stride) {
     conv_taps tp = forward_taps(stride, kernel, phase_stride);
-    conv_forward(input, in_stride, images, c, h, w, stack, &tp, wt, o, output, out_stride);
+    __mmask16 local[KAPPA_STACK_BLOCKS * 10], *masks = mask_buffer((stack * h * w + 15) / 16 * 10, local);
+    conv_masks(h, w, stack, masks);
+    conv_forward(input, in_stride, images, c, h, w, stack, masks, &tp, wt, o, output, out_stride);
+    release_masks(masks, local);
 }
 
 void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
-                                       long images, long c, long h, long w, long stack, long stride, long kernel,
-                                       long phase_stride, long o, float *dw) {
+                                       long images, long group, long c, long h, long w, long stack, long stride,
+                                       long kernel, long phase_stride, long o, float *dw) {
     conv_taps tp = forward_taps(stride, kernel, phase_stride);
-    conv_weight_grad(input, in_stride, grad, g_stride, images, c, h, w, stack, &tp, o, dw);
+    conv_weight_grad(input, in_stride, grad, g_stride, images, group, c, h, w, stack, &tp, o, dw);
 }
 
-void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h, long w,
-                                      long stack, long stride, long kernel, long phase_stride, const float *wtb,
-                                      long c, float *dinput, long d_stride) {
+KAPPA_AVX512 void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h,
+                                                   long w, long stack, long stride, long kernel, long phase_stride,
+                                                   const float *wtb, long c, float *dinput, long d_stride) {
+    __mmask16 local[KAPPA_STACK_BLOCKS * 10], *masks = mask_buffer((stack * h * w + 15) / 16 * 10, local);
+    conv_masks(h, w, stack, masks);  // once for every phase
     if (stride == 1) {
         // The forward's taps flipped: wtb is [9][o][c] with tap t holding the forward's 8 − t.
         conv_taps tp = forward_taps(1, 3, 0);
-        conv_forward(grad, g_stride, images, o, h, w, stack, &tp, wtb, c, dinput, d_stride);
+        conv_forward(grad, g_stride, images, o, h, w, stack, masks, &tp, wtb, c, dinput, d_stride);
+        release_masks(masks, local);
         return;
     }
     // Phase by phase: the taps that read phase φ, each at the opposite direction, give that
@@ -252,10 +264,11 @@ void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long ima
         conv_taps tp = {0};
         for (long t = 0; t < f.taps; t++)
             if (f.base[t] == ph * phase_stride) tp.dir[tp.taps++] = 8 - f.dir[t];
-        conv_forward(grad, g_stride, images, o, h, w, stack, &tp, wtb + first * o * c, c, dinput + ph * phase_stride,
-                     d_stride);
+        conv_forward(grad, g_stride, images, o, h, w, stack, masks, &tp, wtb + first * o * c, c,
+                     dinput + ph * phase_stride, d_stride);
         first += tp.taps;
     }
+    release_masks(masks, local);
 }
 
 #endif
@@ -300,9 +313,10 @@ void kappa_conv_direct_forward_f32(const float *input, long in_stride, long imag
     __builtin_trap();  // callers check kappa_conv_direct_available() first
 }
 void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
-                                       long images, long c, long h, long w, long stack, long stride, long kernel,
-                                       long phase_stride, long o, float *dw) {
-    (void)input, (void)in_stride, (void)grad, (void)g_stride, (void)images, (void)c, (void)h, (void)w, (void)stack;
+                                       long images, long group, long c, long h, long w, long stack, long stride,
+                                       long kernel, long phase_stride, long o, float *dw) {
+    (void)input, (void)in_stride, (void)grad, (void)g_stride, (void)images, (void)group, (void)c, (void)h, (void)w;
+    (void)stack;
     (void)stride, (void)kernel, (void)phase_stride, (void)o, (void)dw;
     __builtin_trap();
 }

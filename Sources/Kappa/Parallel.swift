@@ -70,6 +70,12 @@ public enum HostKernels {
         }
     }
 
+    /// ``vectorLevel``, followed by ", direct convolutions" when ``usesDirectConvolution`` is on:
+    /// what a run's header names.
+    public static var kernelSummary: String {
+        vectorLevel + (usesDirectConvolution ? ", direct convolutions" : "")
+    }
+
     /// Whether the host can run the direct convolution kernels (AVX-512).
     public static let hasDirectConvolution = kappa_conv_direct_available() != 0
 
@@ -84,8 +90,7 @@ public enum HostKernels {
     public static var usesDirectConvolution: Bool {
         get { directConvolutionOverride ?? directConvolution }
         set {
-            precondition(!newValue || hasDirectConvolution,
-                         "HostKernels.usesDirectConvolution: this CPU lacks AVX-512 (vector level \(vectorLevel))")
+            requireDirectConvolution(newValue, "usesDirectConvolution")
             directConvolution = newValue
         }
     }
@@ -93,9 +98,11 @@ public enum HostKernels {
     /// PyTorch's `torch.backends.mkldnn.flags(enabled=...)`): concurrent work elsewhere keeps
     /// ``usesDirectConvolution``.
     public static func withDirectConvolution<R>(_ on: Bool, _ body: () throws -> R) rethrows -> R {
-        precondition(!on || hasDirectConvolution,
-                     "HostKernels.withDirectConvolution: this CPU lacks AVX-512 (vector level \(vectorLevel))")
+        requireDirectConvolution(on, "withDirectConvolution")
         return try $directConvolutionOverride.withValue(on, operation: body)
+    }
+    private static func requireDirectConvolution(_ on: Bool, _ name: String) {
+        precondition(!on || hasDirectConvolution, "HostKernels.\(name): this CPU lacks AVX-512 (vector level \(vectorLevel))")
     }
     @TaskLocal private static var directConvolutionOverride: Bool?
     nonisolated(unsafe) private static var directConvolution: Bool = {

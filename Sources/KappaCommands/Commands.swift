@@ -477,7 +477,7 @@ struct Train: ParsableCommand {
         // The run's name: the objective's, the --method given, or (resuming) what the configuration is.
         let inferred = (config.ibot != nil ? "ibot" : "dino") + (config.loss.vmfNormalization ? "-vmf" : "")
         let method = KappaCommand.objectiveName ?? model.method?.rawValue ?? inferred
-        print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads\(Distributed.size > 1 ? " in each of \(Distributed.size) processes (batch \(Distributed.size) × \(config.batchSize))" : "") (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.vectorLevel)\(HostKernels.usesDirectConvolution ? ", direct convolutions" : ""))")
+        print("\(method) on \(train.source): \(train.count) training and \(test.count) evaluation images, \(Threads.count) threads\(Distributed.size > 1 ? " in each of \(Distributed.size) processes (batch \(Distributed.size) × \(config.batchSize))" : "") (OpenBLAS \(HostKernels.openBLASCore), \(HostKernels.kernelSummary))")
         let trainer = try makeTrainer(config, train)
         trainer.overlapsGradientAveraging = common.overlapAllreduce
         let evaluator = try Evaluator(reference: train, test: test)

@@ -77,10 +77,11 @@ void kappa_conv_direct_backward_taps_f32(const float *w, long o, long c, long st
 void kappa_conv_direct_forward_f32(const float *input, long in_stride, long images, long c, long h, long w,
                                    long stack, long stride, long kernel, long phase_stride, const float *wt, long o,
                                    float *output, long out_stride);
-// dw[oc][ci][tap] += Σ_n,pixels grad[n][oc] · (the tap of input[n][ci]).
+// dw[oc][ci][tap] += Σ_n,pixels grad[n][oc] · (the tap of input[n][ci]), the images in groups of
+// `group` whose planes stay in cache (each group's sums added to dw in turn).
 void kappa_conv_direct_weight_grad_f32(const float *input, long in_stride, const float *grad, long g_stride,
-                                       long images, long c, long h, long w, long stack, long stride, long kernel,
-                                       long phase_stride, long o, float *dw);
+                                       long images, long group, long c, long h, long w, long stack, long stride,
+                                       long kernel, long phase_stride, long o, float *dw);
 // The input's gradient (at stride 2, its phases) from the output's: every element written.
 void kappa_conv_direct_input_grad_f32(const float *grad, long g_stride, long images, long o, long h, long w,
                                       long stack, long stride, long kernel, long phase_stride, const float *wtb,

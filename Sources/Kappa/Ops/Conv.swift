@@ -608,7 +608,7 @@ private func directBackward(_ x: Tensor, _ source: Tensor?, _ w: Tensor, _ gout:
     kappa_conv_direct_backward_taps_f32(w.pointer(Float.self), o, c, s, k, pt)
     let px = x.pointer(Float.self), pg = gout.pointer(Float.self), pgx = gx?.pointer(Float.self)
     let psrc = source?.pointer(Float.self)
-    let group = g.stacksImages ? Int.max : Swift.max(1, 12_544 / plane)
+    let group = Swift.max(1, 12_544 / plane)  // images whose planes stay in cache (one stack when stacked)
     forEachImageChunk(b, chunks: chunks) { chunk, images in
         let first = images.lowerBound, n = images.count, lay = DirectLayout(g: g, n: n)
         var grad = pg + first * o * plane
@@ -635,11 +635,8 @@ private func directBackward(_ x: Tensor, _ source: Tensor?, _ w: Tensor, _ gout:
         let src = psrc.map { $0 + first * lay.perImage } ?? px + first * c * inPlane
         let dw = partial + chunk * wsize
         dw.update(repeating: 0, count: wsize)
-        for start in stride(from: 0, to: lay.images, by: group) {
-            let count = Swift.min(group, lay.images - start)
-            kappa_conv_direct_weight_grad_f32(src + start * lay.imageStride, lay.imageStride, grad + start * o * plane,
-                                              o * plane, count, c, g.oh, g.ow, lay.stack, s, k, lay.phaseStride, o, dw)
-        }
+        kappa_conv_direct_weight_grad_f32(src, lay.imageStride, grad, o * plane, lay.images, group, c, g.oh, g.ow,
+                                          lay.stack, s, k, lay.phaseStride, o, dw)
     }
     let pgw = gw.pointer(Float.self)
     for chunk in 0..<chunks { for i in 0..<wsize { pgw[i] += partial[chunk * wsize + i] } }
