@@ -59,6 +59,16 @@ void kappa_widen_f64(const double *src, double *dst, long images, long rows, lon
 void kappa_narrow_f32(const float *src, float *dst, long images, long rows, long oh, long ow, long width);
 void kappa_narrow_f64(const double *src, double *dst, long images, long rows, long oh, long ow, long width);
 
+// Matrix products on Float32 (gemm_direct.c) for CPUs with AVX-512
+// (kappa_gemm_direct_available(); elsewhere the kernel traps), row-major like cblas_sgemm with
+// CblasRowMajor: C = alpha·op(A)·op(B) + beta·C + bias, op(A) [m, k] (A stored [k, m] when
+// trans_a), op(B) [k, n] (B stored [n, k] when trans_b), bias [n] added to every row (or
+// NULL). C is only read when beta ≠ 0. Each element sums k in increasing order in blocks of
+// 256 terms, so results do not depend on how the callers split rows or columns.
+int kappa_gemm_direct_available(void);
+void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                    const float *b, long ldb, float beta, float *c, long ldc, const float *bias);
+
 // Direct convolutions on Float32 (conv_direct.c) for CPUs with AVX-512
 // (kappa_conv_direct_available(); elsewhere the kernels trap): 3×3 at stride 1 with padding 1,
 // 3×3 at stride 2 with padding 1, and 1×1 at stride 2. The grid h × w is the output's; at

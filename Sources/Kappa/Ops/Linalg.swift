@@ -1,8 +1,10 @@
 import Dispatch
 import CBLAS
+import CKappaKernels
 
-// Matrix products. Every product goes to cblas_sgemm/cblas_dgemm; a transposed view is
-// passed with a transpose flag and its leading dimension instead of being copied.
+// Matrix products. Every product goes to cblas_sgemm/cblas_dgemm, or, in Float32 on AVX-512,
+// to Kappa's own kernel (``HostKernels/usesDirectMatmul``); a transposed view is passed with a
+// transpose flag and its leading dimension instead of being copied.
 // d(A·B) = G·Bᵀ for A and Aᵀ·G for B; broadcast batch dimensions are summed by the tape.
 
 /// How a 2-D strided view is handed to BLAS without copying, if it can be.
@@ -24,13 +26,36 @@ private struct MatrixOperand {
     }
 }
 
-/// C = alpha·op(A)·op(B) + beta·C for row-major storage, on the calling thread.
+/// Whether a product of this shape and type goes to Kappa's direct kernel: Float32, the kernel
+/// switched on (``HostKernels/usesDirectMatmul``, read here, on the op's own thread, so that
+/// every chunk of the op agrees), at least 2²⁰ multiply-adds, and rows of C at least 32 wide
+/// with at most a fifth of the last 32-column panel left empty. Smaller products stay with
+/// OpenBLAS's small-matrix kernels, which are faster there.
+func usesDirectProduct<T: TensorScalar>(_: T.Type, _ m: Int, _ n: Int, _ k: Int) -> Bool {
+    T.dtype == .float32 && m * n * k >= 1 << 20 && n >= 32 && ((n + 31) / 32 * 32 - n) * 4 <= n
+        && HostKernels.usesDirectMatmul
+}
+
+/// C = alpha·op(A)·op(B) + beta·C (+ bias in every row) for row-major storage, on the calling
+/// thread: through BLAS, or Kappa's kernel when `direct` (Float32 only); a bias needs `direct`.
 @inline(__always)
 func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                            _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
-                           _ c: UnsafeMutablePointer<T>, _ ldc: Int, alpha: T = 1, beta: T = 0) {
+                           _ c: UnsafeMutablePointer<T>, _ ldc: Int, alpha: T = 1, beta: T = 0,
+                           direct: Bool = false, bias: UnsafePointer<T>? = nil) {
     let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
+    precondition(bias == nil || direct, "gemm: a bias is added by the direct kernel only")
     switch T.dtype {
+    case .float32 where direct:
+        a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
+            b.withMemoryRebound(to: Float.self, capacity: 1) { pb in
+                c.withMemoryRebound(to: Float.self, capacity: 1) { pc in
+                    let pbias = bias.map { UnsafeRawPointer($0).assumingMemoryBound(to: Float.self) }
+                    kappa_gemm_f32(transA ? 1 : 0, transB ? 1 : 0, m, n, k, Float(alpha), pa, lda, pb, ldb,
+                                   Float(beta), pc, ldc, pbias)
+                }
+            }
+        }
     case .float32:
         a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
             b.withMemoryRebound(to: Float.self, capacity: 1) { pb in
@@ -55,22 +80,27 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
 /// ``gemm`` split over the cores when the product is large (at least 2²¹ multiply-adds):
 /// the longer of C's two sides cut into one block per core, each block one BLAS call on its
 /// own thread (OpenBLAS runs single-threaded; see ``Parallel/cores``).
+/// A direct product's columns are split at multiples of 32, its kernel's panel width.
 func parallelGemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                                    _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
-                                   _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0) {
+                                   _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0,
+                                   direct: Bool = false, bias: UnsafePointer<T>? = nil) {
     let cores = Parallel.cores  // first use sets OpenBLAS to one thread
     let chunks = m * n * k >= 1 << 21 ? Swift.min(cores, Swift.max(m, n) / 16) : 1
     if chunks <= 1 {
-        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta)
+        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta, direct: direct, bias: bias)
         return
     }
     Parallel.forEachChunk(chunks) { chunk in
         if m >= n {
             let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
-            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc, beta: beta)
+            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc, beta: beta,
+                 direct: direct, bias: bias)
         } else {
-            let (j0, j1) = (n * chunk / chunks, n * (chunk + 1) / chunks)
-            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc, beta: beta)
+            let panels = direct ? (n + 31) / 32 : n, width = direct ? 32 : 1
+            let (j0, j1) = (Swift.min(n, panels * chunk / chunks * width), Swift.min(n, panels * (chunk + 1) / chunks * width))
+            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc, beta: beta,
+                 direct: direct, bias: bias.map { $0 + j0 })
         }
     }
 }
@@ -157,6 +187,12 @@ extension Tensor {
 /// bias, then rows·Wᵀ added (beta = 1), or written (beta = 0) without a bias.
 private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ bias: Tensor?, _ out: Tensor, _: T.Type) {
     let (m, n) = (out.shape[0], out.shape[1])
+    if let bias, usesDirectProduct(T.self, m, n, rows.shape[1]) {
+        // The direct kernel adds the bias as it stores each row of the product.
+        let b = bias.isContiguous ? bias : bias.contiguousData()
+        matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, bias: b)
+        return
+    }
     if let bias {
         let b = bias.isContiguous ? bias : bias.contiguousData()
         let pb = b.pointer(T.self), po = out.pointer(T.self)
@@ -167,8 +203,10 @@ private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ b
     matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, beta: bias == nil ? 0 : 1)
 }
 
+/// out = a0·b0 (+ beta·out), batched; `bias` [n] (added to every row, a single product
+/// only) needs the direct kernel (``usesDirectProduct``).
 private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Tensor, _ batch: [Int],
-                                           _ m: Int, _ n: Int, _ k: Int, _: T.Type, beta: T = 0) {
+                                           _ m: Int, _ n: Int, _ k: Int, _: T.Type, beta: T = 0, bias: Tensor? = nil) {
     if m == 0 || n == 0 { return }
     if k == 0 {
         if beta == 0 { out.pointer(T.self).update(repeating: 0, count: out.count) }
@@ -195,12 +233,16 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
     if batchCount > 1 && bBatchStrides.allSatisfy({ $0 == 0 }) && !opA.transpose {
         let (s, st) = coalesce(batch + [m], [aBatchStrides + [a.strides[a.rank - 2]]])
         if s.count == 1 && st[0][0] == opA.ld {
-            parallelGemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta)
+            parallelGemm(false, opB.transpose, batchCount * m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta,
+                         direct: usesDirectProduct(T.self, batchCount * m, n, k))
             return
         }
     }
     if batchCount == 1 {
-        parallelGemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta)
+        let direct = usesDirectProduct(T.self, m, n, k)
+        precondition(bias == nil || direct, "matmulKernel: a bias needs the direct kernel")
+        parallelGemm(opA.transpose, opB.transpose, m, n, k, pa, opA.ld, pb, opB.ld, pc, n, beta: beta,
+                     direct: direct, bias: bias.map { UnsafePointer($0.pointer(T.self)) })
         return
     }
     var offsets: [(a: Int, b: Int)] = []
@@ -219,8 +261,10 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
             }
         }
     } else {
+        let direct = usesDirectProduct(T.self, m, n, k)
         for (c, o) in offsets.enumerated() {
-            parallelGemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n, beta: beta)
+            parallelGemm(opA.transpose, opB.transpose, m, n, k, pa + o.a, opA.ld, pb + o.b, opB.ld, pc + c * m * n, n, beta: beta,
+                         direct: direct)
         }
     }
 }

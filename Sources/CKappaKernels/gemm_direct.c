@@ -1,0 +1,222 @@
+// Matrix products in Float32 for CPUs with AVX-512: see include/kappa_kernels.h.
+//
+// Why not OpenBLAS: on the products a ViT or a DINO head makes (K and N of 64 to 1024, M of
+// a few hundred to tens of thousands of tokens) OpenBLAS 0.3.21 spends a fifth of its time
+// outside its kernel: it copies both operands into packed panels on every call and clears C
+// before accumulating into it when beta = 0 (and Kappa's linear layer first wrote the bias
+// into C, a pass of its own). Here only B is packed, and only once per call (for a linear
+// layer's forward and input gradient B is the weight); A is read where it lies, a micro-panel
+// of 12 rows staying in L1 while it meets every packed panel of B; C is written once, with
+// the bias and beta·C added as it is stored.
+//
+// The micro-kernel keeps a 12 × 32 block of C in 24 registers: per step of k it loads 32
+// values of B (two vectors), broadcasts the 12 values of A and issues 24 fused multiply-adds.
+// Each element of C is the sum over k in increasing order, one fused multiply-add per term,
+// within a block of at most KAPPA_GEMM_KC terms; blocks are added to C in order. The result
+// depends on the shapes only, not on how rows or columns are split over threads.
+#include "kappa_kernels.h"
+
+#if defined(__x86_64__) && defined(__clang__)
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#define KAPPA_INLINE __attribute__((always_inline)) static inline
+
+// Rows and columns of the register block.
+#define MR 12
+#define NR 32
+// The longest run of k summed in registers, and the most packed values of B (kc · nc).
+#define KAPPA_GEMM_KC 256
+#define KAPPA_GEMM_PACKED (128 * 1024)
+
+int kappa_gemm_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
+
+/// The packed panels of B and a micro-panel of Aᵀ, per thread, allocated on a thread's first
+/// product and kept.
+static _Thread_local float *packed_b;
+
+static float *packed_buffer(void) {
+    if (!packed_b) {
+        packed_b = aligned_alloc(64, sizeof(float) * (KAPPA_GEMM_PACKED + MR * KAPPA_GEMM_KC));
+        if (!packed_b) __builtin_trap();
+    }
+    return packed_b;
+}
+
+/// The lanes of a panel's two vectors that hold columns (nj of them, 1 to 32).
+KAPPA_INLINE __mmask16 low_mask(long nj) { return nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1); }
+KAPPA_INLINE __mmask16 high_mask(long nj) {
+    return nj >= 32 ? (__mmask16)0xFFFF : nj > 16 ? (__mmask16)((1u << (nj - 16)) - 1) : (__mmask16)0;
+}
+
+/// B[pc ..< pc + kc, jc ..< jc + nc] into panels of 32 columns, [panel][k][32], the columns
+/// past nc set to zero.
+KAPPA_AVX512 static void pack_b(int trans_b, const float *b, long ldb, long pc, long kc, long jc, long nc, float *dst) {
+    for (long j0 = 0; j0 < nc; j0 += NR, dst += kc * NR) {
+        long nj = nc - j0 < NR ? nc - j0 : NR;
+        if (!trans_b) {
+            __mmask16 m0 = low_mask(nj), m1 = high_mask(nj);
+            const float *src = b + pc * ldb + jc + j0;
+            for (long k = 0; k < kc; k++, src += ldb) {
+                _mm512_store_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, src));
+                _mm512_store_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+            }
+        } else {
+            // B(k, j) = b[j·ldb + k]: each column of the panel is a contiguous row of b.
+            for (long j = 0; j < NR; j++) {
+                if (j < nj) {
+                    const float *src = b + (jc + j0 + j) * ldb + pc;
+                    for (long k = 0; k < kc; k++) dst[k * NR + j] = src[k];
+                } else {
+                    for (long k = 0; k < kc; k++) dst[k * NR + j] = 0;
+                }
+            }
+        }
+    }
+}
+
+/// rows × kc of Aᵀ (A(r, k) at a[k·lda + r]) into [k][12].
+KAPPA_AVX512 static void pack_a_transposed(const float *a, long lda, int rows, long kc, float *dst) {
+    __mmask16 m = (__mmask16)((1u << rows) - 1);
+    for (long k = 0; k < kc; k++) _mm512_mask_storeu_ps(dst + k * MR, m, _mm512_maskz_loadu_ps(m, a + k * lda));
+}
+
+/// How a block's sums reach C: the first block of k writes alpha·sum + beta·C + bias (beta·C
+/// left out when beta = 0, so C may hold anything), later blocks add alpha·sum to C.
+typedef struct {
+    __m512 alpha, beta;
+    int first, read_c;
+    const float *bias;  // at the block's first column, or NULL
+} kappa_store;
+
+KAPPA_AVX512 KAPPA_INLINE void store_row(float *c, __mmask16 m0, __mmask16 m1, __m512 s0, __m512 s1, const kappa_store *st) {
+    __m512 base0, base1;
+    if (!st->first) {
+        base0 = _mm512_maskz_loadu_ps(m0, c);
+        base1 = _mm512_maskz_loadu_ps(m1, c + 16);
+    } else {
+        base0 = _mm512_setzero_ps();
+        base1 = _mm512_setzero_ps();
+        if (st->read_c) {
+            base0 = _mm512_mul_ps(st->beta, _mm512_maskz_loadu_ps(m0, c));
+            base1 = _mm512_mul_ps(st->beta, _mm512_maskz_loadu_ps(m1, c + 16));
+        }
+        if (st->bias) {
+            base0 = _mm512_add_ps(base0, _mm512_maskz_loadu_ps(m0, st->bias));
+            base1 = _mm512_add_ps(base1, _mm512_maskz_loadu_ps(m1, st->bias + 16));
+        }
+    }
+    _mm512_mask_storeu_ps(c, m0, _mm512_fmadd_ps(st->alpha, s0, base0));
+    _mm512_mask_storeu_ps(c + 16, m1, _mm512_fmadd_ps(st->alpha, s1, base1));
+}
+
+/// rows (≤ 12, a constant once inlined) rows of C times one packed panel: A(r, k) at
+/// a[r·ras + k·cas]. The two layouts of A get their own loops so that the compiler sees a
+/// unit stride.
+KAPPA_AVX512 KAPPA_INLINE void micro(int rows, long kc, const float *a, long lda, int trans_a, const float *bp,
+                        float *c, long ldc, __mmask16 m0, __mmask16 m1, const kappa_store *st) {
+    __m512 s0[MR], s1[MR];
+    for (int r = 0; r < rows; r++) {
+        s0[r] = _mm512_setzero_ps();
+        s1[r] = _mm512_setzero_ps();
+    }
+    if (!trans_a) {
+        for (long k = 0; k < kc; k++) {
+            __m512 b0 = _mm512_load_ps(bp + k * NR), b1 = _mm512_load_ps(bp + k * NR + 16);
+#pragma clang loop unroll(full)
+            for (int r = 0; r < rows; r++) {
+                __m512 av = _mm512_set1_ps(a[r * lda + k]);
+                s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+            }
+        }
+    } else {
+        for (long k = 0; k < kc; k++) {
+            __m512 b0 = _mm512_load_ps(bp + k * NR), b1 = _mm512_load_ps(bp + k * NR + 16);
+            const float *ak = a + k * lda;
+#pragma clang loop unroll(full)
+            for (int r = 0; r < rows; r++) {
+                __m512 av = _mm512_set1_ps(ak[r]);
+                s0[r] = _mm512_fmadd_ps(av, b0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(av, b1, s1[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) store_row(c + r * ldc, m0, m1, s0[r], s1[r], st);
+}
+
+KAPPA_AVX512 static void micro_rows(int rows, long kc, const float *a, long lda, int trans_a, const float *bp,
+                                    float *c, long ldc, __mmask16 m0, __mmask16 m1, const kappa_store *st) {
+    switch (rows) {
+#define KAPPA_ROWS(n) case n: micro(n, kc, a, lda, trans_a, bp, c, ldc, m0, m1, st); break;
+    KAPPA_ROWS(1) KAPPA_ROWS(2) KAPPA_ROWS(3) KAPPA_ROWS(4) KAPPA_ROWS(5) KAPPA_ROWS(6)
+    KAPPA_ROWS(7) KAPPA_ROWS(8) KAPPA_ROWS(9) KAPPA_ROWS(10) KAPPA_ROWS(11) KAPPA_ROWS(12)
+#undef KAPPA_ROWS
+    default: __builtin_trap();
+    }
+}
+
+KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha,
+                                 const float *a, long lda, const float *b, long ldb, float beta,
+                                 float *c, long ldc, const float *bias) {
+    if (m <= 0 || n <= 0) return;
+    if (kappa_cpu_vector_level() < 3) __builtin_trap();
+    if (k <= 0) {
+        for (long i = 0; i < m; i++)
+            for (long j = 0; j < n; j++)
+                c[i * ldc + j] = (beta == 0 ? 0.f : beta * c[i * ldc + j]) + (bias ? bias[j] : 0.f);
+        return;
+    }
+    float *bp = packed_buffer(), *pa = bp + KAPPA_GEMM_PACKED;
+    long blocks = (k + KAPPA_GEMM_KC - 1) / KAPPA_GEMM_KC;
+    long kc0 = (k + blocks - 1) / blocks;  // blocks of equal length, the last one shorter
+    long nc_max = KAPPA_GEMM_PACKED / kc0 / NR * NR;
+    if (nc_max < NR) nc_max = NR;
+    kappa_store st;
+    st.alpha = _mm512_set1_ps(alpha);
+    st.beta = _mm512_set1_ps(beta);
+    st.read_c = beta != 0;
+    int pack_a = trans_a && (n >= 4 * NR || lda % 1024 == 0);
+    for (long jc = 0; jc < n; jc += nc_max) {
+        long nc = n - jc < nc_max ? n - jc : nc_max;
+        for (long pc = 0; pc < k; pc += kc0) {
+            long kc = k - pc < kc0 ? k - pc : kc0;
+            pack_b(trans_b, b, ldb, pc, kc, jc, nc, bp);
+            st.first = pc == 0;
+            for (long i0 = 0; i0 < m; i0 += MR) {
+                int rows = (int)(m - i0 < MR ? m - i0 : MR);
+                const float *ai = a + i0 * lda + pc;
+                long ld = lda;
+                if (trans_a && !pack_a) {
+                    ai = a + pc * lda + i0;
+                } else if (trans_a) {
+                    // Aᵀ's 12 values of a step of k are contiguous, but the steps lie lda apart,
+                    // and a multiple of 4 KB would map them all to a few sets of L1: copy the
+                    // micro-panel, [k][12], when it meets many panels of B or lda is such.
+                    pack_a_transposed(a + pc * lda + i0, lda, rows, kc, pa);
+                    ai = pa;
+                    ld = MR;
+                }
+                for (long j0 = 0; j0 < nc; j0 += NR) {
+                    long nj = nc - j0 < NR ? nc - j0 : NR;
+                    st.bias = bias ? bias + jc + j0 : NULL;
+                    micro_rows(rows, kc, ai, ld, trans_a, bp + j0 * kc, c + i0 * ldc + jc + j0, ldc,
+                               low_mask(nj), high_mask(nj), &st);
+                }
+            }
+        }
+    }
+}
+
+#else
+
+int kappa_gemm_direct_available(void) { return 0; }
+void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                    const float *b, long ldb, float beta, float *c, long ldc, const float *bias) {
+    (void)trans_a; (void)trans_b; (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b;
+    (void)ldb; (void)beta; (void)c; (void)ldc; (void)bias;
+    __builtin_trap();
+}
+
+#endif

@@ -1,0 +1,77 @@
+import CKappaKernels
+import Kappa
+import Testing
+
+/// Kappa's own Float32 matrix-product kernel (``HostKernels/usesDirectMatmul``): every path
+/// that reaches it agrees with the Float64 products through BLAS, and the ops really run it.
+/// A debug build leaves it off by default (unoptimized, it is slower than BLAS); each test
+/// turns it on for its own task.
+@Suite struct DirectMatmulTests {
+    func worst(_ a: Tensor, _ e: Tensor) -> Double {
+        let scale = e.doubles.map(abs).max()!
+        return zip(a.doubles, e.doubles).map { abs($0 - $1) }.max()! / scale
+    }
+
+    /// `linear` forward and its three gradients, on shapes that take each edge of the kernel:
+    /// rows not a multiple of its 12, columns not a multiple of its 32, k past one block of
+    /// 256 (600), columns past one packed block (700), the input gradient's transposed B and
+    /// the weight gradient's transposed A (lda 1024, the copied micro-panel).
+    @Test(arguments: [(1000, 64, 96), (37, 300, 130), (50, 600, 64), (20, 200, 700), (64, 1024, 48), (300, 64, 1024)])
+    func linearEqualsFloat64(rows: Int, inFeatures: Int, outFeatures: Int) throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        let x = randn([rows, inFeatures], seed: 51), w = randn([outFeatures, inFeatures], seed: 52)
+        let b = randn([outFeatures], seed: 53), gy = randn([rows, outFeatures], seed: 54)
+        let x64 = x.detached().requiringGrad(), w64 = w.detached().requiringGrad(), b64 = b.detached().requiringGrad()
+        (Tensor.linear(x64, weight: w64, bias: b64) * gy).sum().backward()
+        let x32 = x.to(.float32).requiringGrad(), w32 = w.to(.float32).requiringGrad(), b32 = b.to(.float32).requiringGrad()
+        let y32 = HostKernels.withDirectMatmul(true) {
+            let y = Tensor.linear(x32, weight: w32, bias: b32)
+            (y * gy.to(.float32)).sum().backward()
+            return y
+        }
+        #expect(worst(y32, Tensor.linear(x, weight: w, bias: b)) < 1e-5, "output")
+        #expect(worst(x32.grad!, x64.grad!) < 1e-5, "input gradient")
+        #expect(worst(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
+        #expect(worst(b32.grad!, b64.grad!) < 1e-5, "bias gradient")
+    }
+
+    /// `matmul` on transposed views (each operand passed to the kernel as stored), a stack whose
+    /// rows merge into one product against a shared B, and a stack of separate products.
+    @Test func matmulEqualsFloat64() throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        // Built per dtype from the same values, so that the Float32 operands are views too.
+        let cases: [(DType) -> (Tensor, Tensor)] = [
+            { (randn([300, 200], seed: 61).to($0).transposed(), randn([64, 300], seed: 62).to($0).transposed()) },  // Aᵀ·Bᵀ
+            { (randn([3, 100, 80], seed: 63).to($0), randn([80, 96], seed: 64).to($0)) },                          // merged rows
+            { (randn([2, 150, 70], seed: 65).to($0), randn([2, 70, 128], seed: 66).to($0)) },                      // one product per batch
+        ]
+        for make in cases {
+            let (a, b) = make(.float64), (a32, b32) = make(.float32)
+            #expect(a32.strides == a.strides && b32.strides == b.strides)
+            let got = HostKernels.withDirectMatmul(true) { a32.matmul(b32) }
+            let expected = a.matmul(b)
+            #expect(got.shape == expected.shape)
+            #expect(worst(got, expected) < 1e-5, "\(a.shape) × \(b.shape)")
+        }
+    }
+
+    /// With the switch on, `linear` returns exactly what the kernel computes (so the op runs it);
+    /// a shape below the kernel's minimum, and the switch off, go to BLAS and still agree.
+    @Test func linearRunsTheKernel() throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        let (m, k, n) = (130, 96, 160)
+        let x = randn([m, k], seed: 71).to(.float32), w = randn([n, k], seed: 72).to(.float32), b = randn([n], seed: 73).to(.float32)
+        let viaOp = HostKernels.withDirectMatmul(true) { Tensor.linear(x, weight: w, bias: b) }.scalars(as: Float.self)
+        let xs = x.scalars(as: Float.self), ws = w.scalars(as: Float.self), bs = b.scalars(as: Float.self)
+        var direct = [Float](repeating: .nan, count: m * n)
+        kappa_gemm_f32(0, 1, m, n, k, 1, xs, k, ws, k, 0, &direct, n, bs)
+        #expect(viaOp == direct)
+        let viaBLAS = HostKernels.withDirectMatmul(false) { Tensor.linear(x, weight: w, bias: b) }
+        #expect(worst(viaBLAS, Tensor.linear(x.to(.float64), weight: w.to(.float64), bias: b.to(.float64))) < 1e-5)
+        // Below 2²⁰ multiply-adds the product stays with BLAS, switch on or not.
+        let few = x[0..<8]
+        let small = HostKernels.withDirectMatmul(true) { Tensor.linear(few, weight: w, bias: b) }
+        let smallBLAS = HostKernels.withDirectMatmul(false) { Tensor.linear(few, weight: w, bias: b) }
+        #expect(small.scalars(as: Float.self) == smallBLAS.scalars(as: Float.self))
+    }
+}
