@@ -1,5 +1,10 @@
 """Joins KappaBench's and the PyTorch peer's `name<TAB>seconds` results into one table, one
-group of columns per thread count: compare.py THREADS KAPPA.tsv TORCH.tsv [THREADS KAPPA.tsv TORCH.tsv ...]."""
+group of columns per thread count: compare.py THREADS KAPPA.tsv TORCH.tsv [THREADS KAPPA.tsv TORCH.tsv ...].
+
+A name may appear once per round (compare.sh's ROUNDS, the two sides alternating): each side's
+column is the median of its rounds, and the ratio the median of the per-round ratios, with
+their range when there is more than one."""
+import statistics
 import sys
 
 
@@ -8,8 +13,18 @@ def read(path):
     for line in open(path):
         if "\t" in line:
             name, value = line.rstrip("\n").split("\t")
-            out[name] = float(value)
+            out.setdefault(name, []).append(float(value))
     return out
+
+
+def ratio(k, t):
+    if not k or not t:
+        return "–"
+    rounds = [a / b for a, b in zip(k, t)]
+    text = f"**{statistics.median(rounds):.2f}**"
+    if len(rounds) > 1:
+        text += f" ({min(rounds):.2f}–{max(rounds):.2f})"
+    return text
 
 
 def show(name, v):
@@ -36,6 +51,6 @@ for name in names:
     row = f"| {name} |"
     for _, kappa, torch in runs:
         k, t = kappa.get(name), torch.get(name)
-        ratio = f"**{k / t:.2f}**" if k and t else "–"
-        row += f" {show(name, k)} | {show(name, t)} | {ratio} |"
+        median = lambda v: statistics.median(v) if v else None
+        row += f" {show(name, median(k))} | {show(name, median(t))} | {ratio(k, t)} |"
     print(row)

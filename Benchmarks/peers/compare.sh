@@ -8,7 +8,10 @@
 #
 # PyTorch comes from PyPI, in a virtual environment outside the repository:
 #   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy
-# PEER_PYTHON names another interpreter; THREAD_COUNTS the thread counts (default "1 2").
+# PEER_PYTHON names another interpreter; THREAD_COUNTS the thread counts (default "1 2");
+# ROUNDS how many times each section runs on each side, the two sides alternating (default 3):
+# a shared virtual machine's speed drifts by 10–30% over minutes, so each ratio is the median
+# of the per-round ratios, printed with their range.
 # Without PyTorch the Kappa figures are printed alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,11 +37,13 @@ for t in ${THREAD_COUNTS:-1 2}; do
     export THREADS=$t OPENBLAS_NUM_THREADS=$t OMP_NUM_THREADS=$t
     : > "$out/kappa$t.tsv"
     : > "$out/torch$t.tsv"
-    for section in "${sections[@]}"; do
-        KAPPA_BENCH_RESULTS="$out/kappa$t.tsv" .build/release/KappaBench "$section" >> "$out/kappa$t.log"
-        if [ $have_torch = 1 ]; then
-            "$PYTHON" -W ignore Benchmarks/peers/pytorch_peer.py "$out/torch$t.tsv" "$section" >> "$out/torch$t.log"
-        fi
+    for round in $(seq 1 "${ROUNDS:-3}"); do
+        for section in "${sections[@]}"; do
+            KAPPA_BENCH_RESULTS="$out/kappa$t.tsv" .build/release/KappaBench "$section" >> "$out/kappa$t.log"
+            if [ $have_torch = 1 ]; then
+                "$PYTHON" -W ignore Benchmarks/peers/pytorch_peer.py "$out/torch$t.tsv" "$section" >> "$out/torch$t.log"
+            fi
+        done
     done
     head -1 "$out/kappa$t.log"
     files+=("$t" "$out/kappa$t.tsv" "$out/torch$t.tsv")

@@ -28,7 +28,7 @@
 #define NR 32
 // The longest run of k summed in registers, and the most packed values of B (kc · nc).
 #define KAPPA_GEMM_KC 256
-#define KAPPA_GEMM_PACKED (128 * 1024)
+#define KAPPA_GEMM_PACKED (256 * 1024)
 
 int kappa_gemm_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
 
@@ -157,6 +157,30 @@ KAPPA_AVX512 static void micro_rows(int rows, long kc, const float *a, long lda,
     }
 }
 
+/// One micro-panel of C (rows i0 ..< i0 + rows, columns jc ..< jc + nc) times one block of k
+/// (pc ..< pc + kc) of B, packed at bp.
+KAPPA_AVX512 static void row_panel(int trans_a, int pack_a, const float *a, long lda, long i0, int rows, long pc, long kc,
+                                   const float *bp, long jc, long nc, float *c, long ldc, const float *bias,
+                                   kappa_store *st, float *pa) {
+    const float *ai = a + i0 * lda + pc;
+    long ld = lda;
+    if (trans_a && !pack_a) {
+        ai = a + pc * lda + i0;
+    } else if (trans_a) {
+        // Aᵀ's 12 values of a step of k are contiguous, but the steps lie lda apart, and a
+        // multiple of 4 KB would map them all to a few sets of L1: copy the micro-panel,
+        // [k][12], when it meets many panels of B or lda is such.
+        pack_a_transposed(a + pc * lda + i0, lda, rows, kc, pa);
+        ai = pa;
+        ld = MR;
+    }
+    for (long j0 = 0; j0 < nc; j0 += NR) {
+        long nj = nc - j0 < NR ? nc - j0 : NR;
+        st->bias = bias ? bias + jc + j0 : NULL;
+        micro_rows(rows, kc, ai, ld, trans_a, bp + j0 * kc, c + i0 * ldc + jc + j0, ldc, low_mask(nj), high_mask(nj), st);
+    }
+}
+
 KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha,
                                  const float *a, long lda, const float *b, long ldb, float beta,
                                  float *c, long ldc, const float *bias) {
@@ -171,7 +195,13 @@ KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long 
     float *bp = packed_buffer(), *pa = bp + KAPPA_GEMM_PACKED;
     long blocks = (k + KAPPA_GEMM_KC - 1) / KAPPA_GEMM_KC;
     long kc0 = (k + blocks - 1) / blocks;  // blocks of equal length, the last one shorter
-    long nc_max = KAPPA_GEMM_PACKED / kc0 / NR * NR;
+    // When all of B fits the buffer, it is packed once and each micro-panel of C runs through
+    // every block of k while it is in cache; otherwise (k or n in the thousands: a weight
+    // gradient over many rows, a head's prototypes) the blocks of k go outermost and C is
+    // revisited once per block. (Packing B in narrower slices over all of k would copy each
+    // micro-panel of a transposed A once per slice.)
+    int whole_k = k * ((n + NR - 1) / NR * NR) <= KAPPA_GEMM_PACKED;
+    long nc_max = KAPPA_GEMM_PACKED / (whole_k ? k : kc0) / NR * NR;
     if (nc_max < NR) nc_max = NR;
     kappa_store st;
     st.alpha = _mm512_set1_ps(alpha);
@@ -179,31 +209,26 @@ KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long 
     st.read_c = beta != 0;
     int pack_a = trans_a && (n >= 4 * NR || lda % 1024 == 0);
     for (long jc = 0; jc < n; jc += nc_max) {
-        long nc = n - jc < nc_max ? n - jc : nc_max;
-        for (long pc = 0; pc < k; pc += kc0) {
-            long kc = k - pc < kc0 ? k - pc : kc0;
-            pack_b(trans_b, b, ldb, pc, kc, jc, nc, bp);
-            st.first = pc == 0;
+        long nc = n - jc < nc_max ? n - jc : nc_max, ncp = (nc + NR - 1) / NR * NR;
+        if (whole_k) {
+            for (long pc = 0; pc < k; pc += kc0)
+                pack_b(trans_b, b, ldb, pc, k - pc < kc0 ? k - pc : kc0, jc, nc, bp + pc * ncp);
             for (long i0 = 0; i0 < m; i0 += MR) {
                 int rows = (int)(m - i0 < MR ? m - i0 : MR);
-                const float *ai = a + i0 * lda + pc;
-                long ld = lda;
-                if (trans_a && !pack_a) {
-                    ai = a + pc * lda + i0;
-                } else if (trans_a) {
-                    // Aᵀ's 12 values of a step of k are contiguous, but the steps lie lda apart,
-                    // and a multiple of 4 KB would map them all to a few sets of L1: copy the
-                    // micro-panel, [k][12], when it meets many panels of B or lda is such.
-                    pack_a_transposed(a + pc * lda + i0, lda, rows, kc, pa);
-                    ai = pa;
-                    ld = MR;
+                for (long pc = 0; pc < k; pc += kc0) {
+                    st.first = pc == 0;
+                    row_panel(trans_a, pack_a, a, lda, i0, rows, pc, k - pc < kc0 ? k - pc : kc0, bp + pc * ncp, jc, nc,
+                              c, ldc, bias, &st, pa);
                 }
-                for (long j0 = 0; j0 < nc; j0 += NR) {
-                    long nj = nc - j0 < NR ? nc - j0 : NR;
-                    st.bias = bias ? bias + jc + j0 : NULL;
-                    micro_rows(rows, kc, ai, ld, trans_a, bp + j0 * kc, c + i0 * ldc + jc + j0, ldc,
-                               low_mask(nj), high_mask(nj), &st);
-                }
+            }
+        } else {
+            for (long pc = 0; pc < k; pc += kc0) {
+                long kc = k - pc < kc0 ? k - pc : kc0;
+                pack_b(trans_b, b, ldb, pc, kc, jc, nc, bp);
+                st.first = pc == 0;
+                for (long i0 = 0; i0 < m; i0 += MR)
+                    row_panel(trans_a, pack_a, a, lda, i0, (int)(m - i0 < MR ? m - i0 : MR), pc, kc, bp, jc, nc, c, ldc,
+                              bias, &st, pa);
             }
         }
     }
