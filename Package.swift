@@ -68,7 +68,7 @@ let package = Package(
         // Hostile-file testing of every reader, shared by the KappaFuzz command and the tests.
         .target(name: "KappaFuzzing", dependencies: ["Kappa", "KappaNN", "KappaSSL", "CZlib"]),
         .executableTarget(name: "KappaFuzz", dependencies: ["KappaFuzzing"], path: "Tools/KappaFuzz"),
-        .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaCommands", "CBLAS"], path: "Benchmarks/KappaBench"),
+        .executableTarget(name: "KappaBench", dependencies: ["Kappa", "KappaNN", "KappaSSL", "KappaCommands", "CBLAS", "CKappaKernels"], path: "Benchmarks/KappaBench"),
         .testTarget(name: "KappaTests", dependencies: ["Kappa", .product(name: "PropertyBased", package: "swift-property-based")],
                     exclude: ["torch_reference.json"]),
         .testTarget(name: "KappaNNTests", dependencies: ["Kappa", "KappaNN"]),

@@ -5,6 +5,7 @@
 // Each figure is the median of repeated runs after a warm-up. Matrix products through the
 // framework (tape recording on) are compared with a bare cblas_sgemm of the same shape.
 import CBLAS
+import CKappaKernels
 import Foundation
 import Kappa
 import KappaCommands
@@ -80,6 +81,40 @@ do {
     let flop = 2 * 192 * 65 * 65 * 64.0
     record("matmul batched 192×65×64×65", t)
     print(String(format: "  batched 192 × (65×64 · 64×65), Kᵀ as a view: %.1f µs (%.1f GFLOP/s)", t * 1e6, flop / t * 1e-9))
+}
+if HostKernels.hasDirectMatmul {
+    // The linear layers' products of ref-micro (global crops: 1,088 tokens of width 64) and
+    // ref-tiny (8,320 tokens of width 192), forward x·Wᵀ, input gradient G·W and weight
+    // gradient Gᵀ·x, on one thread: Kappa's direct kernel against a bare cblas_sgemm, the two
+    // alternating call by call so that both see the same machine.
+    print("  Linear layers' products on one thread, direct kernel vs bare cblas_sgemm (median of alternating calls):")
+    for (tokens, width, hidden) in [(1088, 64, 256), (8320, 192, 768)] {
+        for (kind, m, n, k, ta, tb) in [("x·Wᵀ", tokens, hidden, width, false, true), ("G·W", tokens, width, hidden, false, false),
+                                        ("Gᵀ·x", hidden, width, tokens, true, false)] {
+            let a = Tensor.randomNormal([m * k], using: &rng).scalars(as: Float.self)
+            let b = Tensor.randomNormal([k * n], using: &rng).scalars(as: Float.self)
+            var c = [Float](repeating: 0, count: m * n)
+            let (lda, ldb) = (ta ? m : k, tb ? k : n)
+            var direct: [Double] = [], blas: [Double] = []
+            for rep in 0..<(tokens > 2000 ? 12 : 200) {
+                let start = DispatchTime.now().uptimeNanoseconds
+                if rep % 2 == 0 {
+                    kappa_gemm_f32(ta ? 1 : 0, tb ? 1 : 0, m, n, k, 1, a, lda, b, ldb, 0, &c, n, nil)
+                } else {
+                    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, Int32(m), Int32(n),
+                                Int32(k), 1, a, Int32(lda), b, Int32(ldb), 0, &c, Int32(n))
+                }
+                let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+                if rep >= 2 { if rep % 2 == 0 { direct.append(seconds) } else { blas.append(seconds) } }
+            }
+            let name = "\(kind) \(m)×\(n)×\(k)"
+            record("direct product \(name)", median(direct))
+            record("sgemm \(name) (bare BLAS)", median(blas))
+            print(String(format: "    %@ %@: direct %8.1f µs (%5.1f GFLOP/s), sgemm %8.1f µs (%5.1f GFLOP/s), ratio %.2f", kind,
+                         "\(m)×\(n)×\(k)", median(direct) * 1e6, 2 * Double(m * n * k) / median(direct) * 1e-9,
+                         median(blas) * 1e6, 2 * Double(m * n * k) / median(blas) * 1e-9, median(direct) / median(blas)))
+        }
+    }
 }
 
 }
