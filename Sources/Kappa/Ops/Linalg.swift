@@ -128,8 +128,9 @@ extension Tensor {
     public static func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { a.matmul(b) }
 
     /// x·Wᵀ + b over the last axis of `x` (PyTorch's `nn.functional.linear`), as one op: the
-    /// bias is written into the output first and the product added to it by BLAS, so the output
-    /// is written once instead of by a product and then a broadcast add.
+    /// direct kernel (``HostKernels/usesDirectMatmul``) adds the bias as it stores the product,
+    /// and through BLAS the bias is written into the output first and the product added to it,
+    /// so the output is not written by a product and then again by a broadcast add.
     /// - Parameters:
     ///   - x: [..., in]; leading dimensions are merged into rows.
     ///   - weight: [out, in].
@@ -183,8 +184,9 @@ extension Tensor {
     }
 }
 
-/// The forward of ``Tensor/linear(_:weight:bias:)``: each row of `out` [rows, out] set to the
-/// bias, then rows·Wᵀ added (beta = 1), or written (beta = 0) without a bias.
+/// The forward of ``Tensor/linear(_:weight:bias:)``: rows·Wᵀ + bias stored by the direct
+/// kernel; through BLAS, each row of `out` [rows, out] set to the bias, then rows·Wᵀ added
+/// (beta = 1), or written (beta = 0) without a bias.
 private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ bias: Tensor?, _ out: Tensor, _: T.Type) {
     let (m, n) = (out.shape[0], out.shape[1])
     if let bias, usesDirectProduct(T.self, m, n, rows.shape[1]) {
