@@ -89,35 +89,16 @@ public enum HostKernels {
     /// without AVX-512 is a programmer error. The two paths sum in different orders, so a run's
     /// last digits depend on it.
     public static var usesDirectConvolution: Bool {
-        get { directConvolutionOverride ?? directConvolution }
-        set {
-            requireAVX512(newValue, hasDirectConvolution, "usesDirectConvolution")
-            directConvolution = newValue
-        }
+        get { directConvolution.isOn }
+        set { directConvolution.set(newValue, "usesDirectConvolution") }
     }
     /// Runs `body` with the direct convolution on or off for the current task only (as
     /// PyTorch's `torch.backends.mkldnn.flags(enabled=...)`): concurrent work elsewhere keeps
     /// ``usesDirectConvolution``.
     public static func withDirectConvolution<R>(_ on: Bool, _ body: () throws -> R) rethrows -> R {
-        requireAVX512(on, hasDirectConvolution, "withDirectConvolution")
-        return try $directConvolutionOverride.withValue(on, operation: body)
+        try directConvolution.with(on, "withDirectConvolution", body)
     }
-    /// Turning a direct kernel on without AVX-512 is a programmer error.
-    private static func requireAVX512(_ on: Bool, _ available: Bool, _ name: String) {
-        precondition(!on || available, "HostKernels.\(name): this CPU lacks AVX-512 (vector level \(vectorLevel))")
-    }
-    @TaskLocal private static var directConvolutionOverride: Bool?
-    nonisolated(unsafe) private static var directConvolution = directDefault("KAPPA_CONV_DIRECT", available: hasDirectConvolution)
-
-    /// A direct kernel's default: on where the CPU can run it and the kernels were compiled with
-    /// optimization, unless the environment variable says `0` (or `1`: on without optimization).
-    private static func directDefault(_ variable: String, available: Bool) -> Bool {
-        switch ProcessInfo.processInfo.environment[variable] {
-        case "0": return false
-        case "1": return available
-        default: return available && kappa_conv_direct_optimized() != 0
-        }
-    }
+    private static let directConvolution = DirectKernelSwitch(variable: "KAPPA_CONV_DIRECT", available: hasDirectConvolution)
 
     /// Whether the host can run the direct matrix-product kernel (AVX-512).
     public static let hasDirectMatmul = kappa_gemm_direct_available() != 0
@@ -133,19 +114,14 @@ public enum HostKernels {
     /// Each element sums k in increasing order (in blocks of 256), so the results do not depend
     /// on the thread count, but they differ from OpenBLAS's in the last digits.
     public static var usesDirectMatmul: Bool {
-        get { directMatmulOverride ?? directMatmul }
-        set {
-            requireAVX512(newValue, hasDirectMatmul, "usesDirectMatmul")
-            directMatmul = newValue
-        }
+        get { directMatmul.isOn }
+        set { directMatmul.set(newValue, "usesDirectMatmul") }
     }
     /// Runs `body` with the direct matrix products on or off for the current task only.
     public static func withDirectMatmul<R>(_ on: Bool, _ body: () throws -> R) rethrows -> R {
-        requireAVX512(on, hasDirectMatmul, "withDirectMatmul")
-        return try $directMatmulOverride.withValue(on, operation: body)
+        try directMatmul.with(on, "withDirectMatmul", body)
     }
-    @TaskLocal private static var directMatmulOverride: Bool?
-    nonisolated(unsafe) private static var directMatmul = directDefault("KAPPA_MATMUL_DIRECT", available: hasDirectMatmul)
+    private static let directMatmul = DirectKernelSwitch(variable: "KAPPA_MATMUL_DIRECT", available: hasDirectMatmul)
 
     /// OpenBLAS kernel families of the SSE era. An OpenBLAS older than the CPU it runs on
     /// (Debian 12's 0.3.21 on Sapphire or Emerald Rapids, for example) does not recognize its
@@ -166,5 +142,40 @@ public enum HostKernels {
         case 2: return "Haswell"
         default: return nil
         }
+    }
+}
+
+/// The switch of one of Kappa's direct AVX-512 kernels: a process-wide setting and a per-task
+/// override. The setting starts on where the CPU can run the kernel and the kernels were
+/// compiled with optimization, unless the environment variable says `0` (or `1`: on even
+/// without optimization). Turning it on without AVX-512 is a programmer error.
+private final class DirectKernelSwitch: @unchecked Sendable {
+    let available: Bool
+    nonisolated(unsafe) var setting: Bool
+    let override = TaskLocal<Bool?>(wrappedValue: nil)
+
+    init(variable: String, available: Bool) {
+        self.available = available
+        switch ProcessInfo.processInfo.environment[variable] {
+        case "0": setting = false
+        case "1": setting = available
+        default: setting = available && kappa_conv_direct_optimized() != 0
+        }
+    }
+
+    var isOn: Bool { override.get() ?? setting }
+
+    func set(_ on: Bool, _ name: String) {
+        require(on, name)
+        setting = on
+    }
+
+    func with<R>(_ on: Bool, _ name: String, _ body: () throws -> R) rethrows -> R {
+        require(on, name)
+        return try override.withValue(on, operation: body)
+    }
+
+    private func require(_ on: Bool, _ name: String) {
+        precondition(!on || available, "HostKernels.\(name): this CPU lacks AVX-512 (vector level \(HostKernels.vectorLevel))")
     }
 }
