@@ -10,7 +10,7 @@
 #   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch numpy
 # PEER_PYTHON names another interpreter; THREAD_COUNTS the thread counts (default "1 2");
 # ROUNDS how many times each section runs on each side, the two sides alternating (default 3):
-# a shared virtual machine's speed drifts by 10–30% over minutes, so each ratio is the median
+# a shared virtual machine's speed drifts by 10–40% over minutes, so each ratio is the median
 # of the per-round ratios, printed with their range.
 # Without PyTorch the Kappa figures are printed alone.
 set -euo pipefail

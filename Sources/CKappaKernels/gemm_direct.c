@@ -4,10 +4,11 @@
 // a few hundred to tens of thousands of tokens) OpenBLAS 0.3.21 spends a fifth of its time
 // outside its kernel: it copies both operands into packed panels on every call and clears C
 // before accumulating into it when beta = 0 (and Kappa's linear layer first wrote the bias
-// into C, a pass of its own). Here only B is packed, and only once per call (for a linear
+// into C, a pass of its own). Here B is packed, once per call when it fits 1 MB (for a linear
 // layer's forward and input gradient B is the weight); A is read where it lies, a micro-panel
-// of 12 rows staying in L1 while it meets every packed panel of B; C is written once, with
-// the bias and beta·C added as it is stored.
+// of 12 rows staying in L1 while it meets every packed panel of B (a transposed A is copied 12
+// rows at a time when that helps, see row_panel); C is written once, with the bias and beta·C
+// added as it is stored.
 //
 // The micro-kernel keeps a 12 × 32 block of C in 24 registers: per step of k it loads 32
 // values of B (two vectors), broadcasts the 12 values of A and issues 24 fused multiply-adds.
@@ -18,6 +19,7 @@
 
 #if defined(__x86_64__) && defined(__clang__)
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
@@ -26,22 +28,28 @@
 // Rows and columns of the register block.
 #define MR 12
 #define NR 32
-// The longest run of k summed in registers, and the most packed values of B (kc · nc).
+// The longest run of k summed in registers, and the most values of B packed at once.
 #define KAPPA_GEMM_KC 256
 #define KAPPA_GEMM_PACKED (256 * 1024)
 
 int kappa_gemm_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
 
-/// The packed panels of B and a micro-panel of Aᵀ, per thread, allocated on a thread's first
-/// product and kept.
-static _Thread_local float *packed_b;
+/// The packed panels of B and a micro-panel of Aᵀ, per thread: allocated on a thread's first
+/// product, kept for its next ones and freed when the thread ends.
+static pthread_key_t packed_key;
+static pthread_once_t packed_once = PTHREAD_ONCE_INIT;
+static void packed_key_create(void) {
+    if (pthread_key_create(&packed_key, free) != 0) __builtin_trap();
+}
 
 static float *packed_buffer(void) {
-    if (!packed_b) {
-        packed_b = aligned_alloc(64, sizeof(float) * (KAPPA_GEMM_PACKED + MR * KAPPA_GEMM_KC));
-        if (!packed_b) __builtin_trap();
+    pthread_once(&packed_once, packed_key_create);
+    float *buffer = pthread_getspecific(packed_key);
+    if (!buffer) {
+        buffer = aligned_alloc(64, sizeof(float) * (KAPPA_GEMM_PACKED + MR * KAPPA_GEMM_KC));
+        if (!buffer || pthread_setspecific(packed_key, buffer) != 0) __builtin_trap();
     }
-    return packed_b;
+    return buffer;
 }
 
 /// The lanes of a panel's two vectors that hold columns (nj of them, 1 to 32).
@@ -112,8 +120,8 @@ KAPPA_AVX512 KAPPA_INLINE void store_row(float *c, __mmask16 m0, __mmask16 m1, _
 }
 
 /// rows (≤ 12, a constant once inlined) rows of C times one packed panel: A(r, k) at
-/// a[r·ras + k·cas]. The two layouts of A get their own loops so that the compiler sees a
-/// unit stride.
+/// a[r·lda + k], or at a[k·lda + r] when trans_a. The two layouts get their own loops so that
+/// the compiler sees a unit stride.
 KAPPA_AVX512 KAPPA_INLINE void micro(int rows, long kc, const float *a, long lda, int trans_a, const float *bp,
                         float *c, long ldc, __mmask16 m0, __mmask16 m1, const kappa_store *st) {
     __m512 s0[MR], s1[MR];
