@@ -55,6 +55,40 @@ import Testing
         }
     }
 
+    /// The kernel's result does not depend on how the product is split over threads: rows split
+    /// anywhere and columns split at multiples of 32 (as ``parallelGemm`` splits them) give the
+    /// whole product's bits, for each layout of A and B and k past one block.
+    @Test func splitProductsEqualTheWholeBitForBit() throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        let (m, n, k) = (77, 200, 600)
+        let a = randn([m * k], seed: 81, dtype: .float32).scalars(as: Float.self)
+        let b = randn([k * n], seed: 82, dtype: .float32).scalars(as: Float.self)
+        let bias = randn([n], seed: 83, dtype: .float32).scalars(as: Float.self)
+        for (ta, tb) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let (lda, ldb) = (ta == 1 ? m : k, tb == 1 ? k : n)
+            var whole = [Float](repeating: 0, count: m * n)
+            kappa_gemm_f32(Int32(ta), Int32(tb), m, n, k, 1, a, lda, b, ldb, 0, &whole, n, bias)
+            var split = [Float](repeating: .nan, count: m * n)
+            a.withUnsafeBufferPointer { pa in
+                b.withUnsafeBufferPointer { pb in
+                    bias.withUnsafeBufferPointer { pbias in
+                        split.withUnsafeMutableBufferPointer { pc in
+                            for (i0, i1) in [(0, 30), (30, m)] {
+                                for (j0, j1) in [(0, 96), (96, n)] {
+                                    kappa_gemm_f32(Int32(ta), Int32(tb), i1 - i0, j1 - j0, k, 1,
+                                                   pa.baseAddress! + (ta == 1 ? i0 : i0 * lda), lda,
+                                                   pb.baseAddress! + (tb == 1 ? j0 * ldb : j0), ldb, 0,
+                                                   pc.baseAddress! + i0 * n + j0, n, pbias.baseAddress! + j0)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            #expect(split == whole, "trans_a \(ta), trans_b \(tb)")
+        }
+    }
+
     /// With the switch on, `linear` returns exactly what the kernel computes (so the op runs it);
     /// a shape below the kernel's minimum, and the switch off, go to BLAS and still agree.
     @Test func linearRunsTheKernel() throws {
