@@ -7,11 +7,6 @@ import Testing
 /// A debug build leaves it off by default (unoptimized, it is slower than BLAS); each test
 /// turns it on for its own task.
 @Suite struct DirectMatmulTests {
-    func worst(_ a: Tensor, _ e: Tensor) -> Double {
-        let scale = e.doubles.map(abs).max()!
-        return zip(a.doubles, e.doubles).map { abs($0 - $1) }.max()! / scale
-    }
-
     /// `linear` forward and its three gradients, on shapes that take each edge of the kernel:
     /// rows not a multiple of its 12, columns not a multiple of its 32, k past one block of
     /// 256 (600), columns past one packed block (700), the input gradient's transposed B and
@@ -29,10 +24,10 @@ import Testing
             (y * gy.to(.float32)).sum().backward()
             return y
         }
-        #expect(worst(y32, Tensor.linear(x, weight: w, bias: b)) < 1e-5, "output")
-        #expect(worst(x32.grad!, x64.grad!) < 1e-5, "input gradient")
-        #expect(worst(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
-        #expect(worst(b32.grad!, b64.grad!) < 1e-5, "bias gradient")
+        #expect(worstRelativeError(y32, Tensor.linear(x, weight: w, bias: b)) < 1e-5, "output")
+        #expect(worstRelativeError(x32.grad!, x64.grad!) < 1e-5, "input gradient")
+        #expect(worstRelativeError(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
+        #expect(worstRelativeError(b32.grad!, b64.grad!) < 1e-5, "bias gradient")
     }
 
     /// `matmul` on transposed views (each operand passed to the kernel as stored), a stack whose
@@ -51,7 +46,7 @@ import Testing
             let got = HostKernels.withDirectMatmul(true) { a32.matmul(b32) }
             let expected = a.matmul(b)
             #expect(got.shape == expected.shape)
-            #expect(worst(got, expected) < 1e-5, "\(a.shape) × \(b.shape)")
+            #expect(worstRelativeError(got, expected) < 1e-5, "\(a.shape) × \(b.shape)")
         }
     }
 
@@ -101,7 +96,7 @@ import Testing
         kappa_gemm_f32(0, 1, m, n, k, 1, xs, k, ws, k, 0, &direct, n, bs)
         #expect(viaOp == direct)
         let viaBLAS = HostKernels.withDirectMatmul(false) { Tensor.linear(x, weight: w, bias: b) }
-        #expect(worst(viaBLAS, Tensor.linear(x.to(.float64), weight: w.to(.float64), bias: b.to(.float64))) < 1e-5)
+        #expect(worstRelativeError(viaBLAS, Tensor.linear(x.to(.float64), weight: w.to(.float64), bias: b.to(.float64))) < 1e-5)
         // Below 2²⁰ multiply-adds the product stays with BLAS, switch on or not.
         let few = x[0..<8]
         let small = HostKernels.withDirectMatmul(true) { Tensor.linear(few, weight: w, bias: b) }

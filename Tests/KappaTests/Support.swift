@@ -34,6 +34,13 @@ func expectClose(_ a: [Double], _ b: [Double], tol: Double = 1e-9, sourceLocatio
     #expect(worst <= tol, "max difference \(worst) > \(tol): \(a.prefix(8)) vs \(b.prefix(8))", sourceLocation: sourceLocation)
 }
 
+/// The largest elementwise difference of `a` from `expected`, relative to the largest
+/// magnitude in `expected` (how far a Float32 path is from a Float64 reference).
+func worstRelativeError(_ a: Tensor, _ expected: Tensor) -> Double {
+    let scale = expected.doubles.map(abs).max()!
+    return zip(a.doubles, expected.doubles).map { abs($0 - $1) }.max()! / scale
+}
+
 extension Tensor {
     var doubles: [Double] { scalars(as: Double.self) }
 }

@@ -294,14 +294,10 @@ struct TensorTests {
         let x64 = x.detached().requiringGrad(), w64 = wt.detached().requiringGrad()
         let y64 = x64.conv2d(weight: w64, stride: Size2(stride, stride), padding: Size2(pad, pad))
         (y64 * gy).sum().backward()
-        func worst(_ a: Tensor, _ e: Tensor) -> Double {
-            let scale = e.doubles.map(abs).max()!
-            return zip(a.doubles, e.doubles).map { abs($0 - $1) }.max()! / scale
-        }
         #expect(y32.shape == [b, o, oh, ow])
-        #expect(worst(y32, y64) < 1e-5, "output")
-        #expect(worst(x32.grad!, x64.grad!) < 1e-5, "input gradient")
-        #expect(worst(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
+        #expect(worstRelativeError(y32, y64) < 1e-5, "output")
+        #expect(worstRelativeError(x32.grad!, x64.grad!) < 1e-5, "input gradient")
+        #expect(worstRelativeError(w32.grad!, w64.grad!) < 1e-5, "weight gradient")
         // An input that needs no gradient gets none; the weight's is the same.
         let w2 = wt.to(.float32).requiringGrad()
         (x.to(.float32).conv2d(weight: w2, stride: Size2(stride, stride), padding: Size2(pad, pad)) * gy.to(.float32))

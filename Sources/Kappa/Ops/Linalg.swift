@@ -188,21 +188,20 @@ extension Tensor {
 /// kernel; through BLAS, each row of `out` [rows, out] set to the bias, then rows·Wᵀ added
 /// (beta = 1), or written (beta = 0) without a bias.
 private func linearKernel<T: TensorScalar>(_ rows: Tensor, _ weight: Tensor, _ bias: Tensor?, _ out: Tensor, _: T.Type) {
-    let (m, n) = (out.shape[0], out.shape[1])
-    if let bias, usesDirectProduct(T.self, m, n, rows.shape[1]) {
+    let (m, n, k) = (out.shape[0], out.shape[1], rows.shape[1])
+    let bias = bias.map { $0.isContiguous ? $0 : $0.contiguousData() }
+    if let bias, usesDirectProduct(T.self, m, n, k) {
         // The direct kernel adds the bias as it stores each row of the product.
-        let b = bias.isContiguous ? bias : bias.contiguousData()
-        matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, bias: b)
+        matmulKernel(rows, weight.transposed(), out, [], m, n, k, T.self, bias: bias)
         return
     }
     if let bias {
-        let b = bias.isContiguous ? bias : bias.contiguousData()
-        let pb = b.pointer(T.self), po = out.pointer(T.self)
+        let pb = bias.pointer(T.self), po = out.pointer(T.self)
         Parallel.forEach(m, costPerItem: n) { r in
             for i in r { (po + i * n).update(from: pb, count: n) }
         }
     }
-    matmulKernel(rows, weight.transposed(), out, [], m, n, rows.shape[1], T.self, beta: bias == nil ? 0 : 1)
+    matmulKernel(rows, weight.transposed(), out, [], m, n, k, T.self, beta: bias == nil ? 0 : 1)
 }
 
 /// out = a0·b0 (+ beta·out), batched; `bias` [n] (added to every row, a single product
