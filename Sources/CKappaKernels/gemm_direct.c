@@ -6,9 +6,9 @@
 // before accumulating into it when beta = 0 (and Kappa's linear layer first wrote the bias
 // into C, a pass of its own). Here B is packed, once per call when it fits 1 MB (for a linear
 // layer's forward and input gradient B is the weight); A is read where it lies, a micro-panel
-// of 12 rows staying in L1 while it meets every packed panel of B (a transposed A is copied 12
-// rows at a time when that helps, see row_panel); C is written once, with the bias and beta·C
-// added as it is stored.
+// of 12 rows staying in L1 while it meets every packed panel of B (a transposed A is copied,
+// a block of rows at a time, when that helps: see pack_a_block); C is written once, with the
+// bias and beta·C added as it is stored.
 //
 // The micro-kernel keeps a 12 × 32 block of C in 24 registers: per step of k it loads 32
 // values of B (two vectors), broadcasts the 12 values of A and issues 24 fused multiply-adds.
@@ -31,6 +31,11 @@
 // The longest run of k summed in registers, and the most values of B packed at once.
 #define KAPPA_GEMM_KC 256
 #define KAPPA_GEMM_PACKED (256 * 1024)
+// The most values of a transposed A copied at once (a block of at most MC_MAX of its rows, see
+// pack_a_block), and the running sums of such a block's rows, 16 floats per micro-panel.
+#define KAPPA_GEMM_PACKED_A (128 * 1024)
+#define KAPPA_GEMM_MC_MAX (341 * MR)
+#define KAPPA_GEMM_SUMS (KAPPA_GEMM_MC_MAX / MR * 16)
 
 int kappa_gemm_direct_available(void) { return kappa_cpu_vector_level() >= 3; }
 
@@ -46,7 +51,7 @@ static float *packed_buffer(void) {
     pthread_once(&packed_once, packed_key_create);
     float *buffer = pthread_getspecific(packed_key);
     if (!buffer) {
-        buffer = aligned_alloc(64, sizeof(float) * (KAPPA_GEMM_PACKED + MR * KAPPA_GEMM_KC));
+        buffer = aligned_alloc(64, sizeof(float) * (KAPPA_GEMM_PACKED + KAPPA_GEMM_PACKED_A + KAPPA_GEMM_SUMS));
         if (!buffer || pthread_setspecific(packed_key, buffer) != 0) __builtin_trap();
     }
     return buffer;
@@ -84,10 +89,39 @@ KAPPA_AVX512 static void pack_b(int trans_b, const float *b, long ldb, long pc, 
     }
 }
 
-/// rows × kc of Aᵀ (A(r, k) at a[k·lda + r]) into [k][12].
-KAPPA_AVX512 static void pack_a_transposed(const float *a, long lda, int rows, long kc, float *dst) {
-    __mmask16 m = (__mmask16)((1u << rows) - 1);
-    for (long k = 0; k < kc; k++) _mm512_mask_storeu_ps(dst + k * MR, m, _mm512_maskz_loadu_ps(m, a + k * lda));
+/// Rows i0 ..< i0 + rows and steps pc ..< pc + kc of a transposed A (A(r, k) at a[k·lda + r])
+/// into micro-panels of 12 rows, [panel][k][12] (the micro-kernel does not read the values
+/// past the last row). Each step of k is a contiguous run of a, read once and in order, which
+/// the prefetchers follow. With `sums`, each row's values are also added to sums[row - i0],
+/// one step of k after the other, through `acc` (16 floats per micro-panel: whole aligned
+/// vectors, which a load can take straight from the previous step's store; a masked store
+/// cannot be forwarded, and each step would wait for it).
+KAPPA_AVX512 static void pack_a_block(const float *a, long lda, long i0, long rows, long pc, long kc, float *dst,
+                                      float *sums, float *acc) {
+    long panels = (rows + MR - 1) / MR;
+    if (sums)
+        for (long p = 0; p < panels; p++) {
+            long left = rows - p * MR;
+            __mmask16 m = left >= MR ? (__mmask16)0x0FFF : (__mmask16)((1u << left) - 1);
+            _mm512_store_ps(acc + p * 16, _mm512_maskz_loadu_ps(m, sums + p * MR));
+        }
+    for (long k = 0; k < kc; k++) {
+        const float *src = a + (pc + k) * lda + i0;
+        float *d = dst + k * MR;
+        for (long p = 0; p < panels; p++, d += kc * MR) {
+            long left = rows - p * MR;
+            __mmask16 m = left >= MR ? (__mmask16)0x0FFF : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(m, src + p * MR);
+            _mm512_mask_storeu_ps(d, m, v);
+            if (sums) _mm512_store_ps(acc + p * 16, _mm512_add_ps(_mm512_load_ps(acc + p * 16), v));
+        }
+    }
+    if (sums)
+        for (long p = 0; p < panels; p++) {
+            long left = rows - p * MR;
+            __mmask16 m = left >= MR ? (__mmask16)0x0FFF : (__mmask16)((1u << left) - 1);
+            _mm512_mask_storeu_ps(sums + p * MR, m, _mm512_load_ps(acc + p * 16));
+        }
 }
 
 /// How a block's sums reach C: the first block of k writes alpha·sum + beta·C + bias (beta·C
@@ -166,19 +200,16 @@ KAPPA_AVX512 static void micro_rows(int rows, long kc, const float *a, long lda,
 }
 
 /// One micro-panel of C (rows i0 ..< i0 + rows, columns jc ..< jc + nc) times one block of k
-/// (pc ..< pc + kc) of B, packed at bp.
-KAPPA_AVX512 static void row_panel(int trans_a, int pack_a, const float *a, long lda, long i0, int rows, long pc, long kc,
-                                   const float *bp, long jc, long nc, float *c, long ldc, const float *bias,
-                                   kappa_store *st, float *pa) {
+/// (pc ..< pc + kc) of B, packed at bp. A transposed A is read at pa, where pack_a_block
+/// copied its micro-panel, unless pa is NULL.
+KAPPA_AVX512 static void row_panel(int trans_a, const float *pa, const float *a, long lda, long i0, int rows, long pc,
+                                   long kc, const float *bp, long jc, long nc, float *c, long ldc, const float *bias,
+                                   kappa_store *st) {
     const float *ai = a + i0 * lda + pc;
     long ld = lda;
-    if (trans_a && !pack_a) {
+    if (trans_a && !pa) {
         ai = a + pc * lda + i0;
     } else if (trans_a) {
-        // Aᵀ's 12 values of a step of k are contiguous, but the steps lie lda apart, and a
-        // multiple of 4 KB would map them all to a few sets of L1: copy the micro-panel,
-        // [k][12], when it meets many panels of B or lda is such.
-        pack_a_transposed(a + pc * lda + i0, lda, rows, kc, pa);
         ai = pa;
         ld = MR;
     }
@@ -189,25 +220,24 @@ KAPPA_AVX512 static void row_panel(int trans_a, int pack_a, const float *a, long
     }
 }
 
-KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha,
-                                 const float *a, long lda, const float *b, long ldb, float beta,
-                                 float *c, long ldc, const float *bias) {
-    if (m <= 0 || n <= 0) return;
+KAPPA_AVX512 int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a,
+                                     long lda, const float *b, long ldb, float beta, float *c, long ldc,
+                                     const float *bias, float *a_sums) {
+    if (m <= 0 || n <= 0) return 0;
     if (kappa_cpu_vector_level() < 3) __builtin_trap();
     if (k <= 0) {
         for (long i = 0; i < m; i++)
             for (long j = 0; j < n; j++)
                 c[i * ldc + j] = (beta == 0 ? 0.f : beta * c[i * ldc + j]) + (bias ? bias[j] : 0.f);
-        return;
+        return 0;
     }
-    float *bp = packed_buffer(), *pa = bp + KAPPA_GEMM_PACKED;
+    float *bp = packed_buffer(), *pa = bp + KAPPA_GEMM_PACKED, *acc = pa + KAPPA_GEMM_PACKED_A;
     long blocks = (k + KAPPA_GEMM_KC - 1) / KAPPA_GEMM_KC;
     long kc0 = (k + blocks - 1) / blocks;  // blocks of equal length, the last one shorter
     // When all of B fits the buffer, it is packed once and each micro-panel of C runs through
     // every block of k while it is in cache; otherwise (k or n in the thousands: a weight
     // gradient over many rows, a head's prototypes) the blocks of k go outermost and C is
-    // revisited once per block. (Packing B in narrower slices over all of k would copy each
-    // micro-panel of a transposed A once per slice.)
+    // revisited once per block.
     int whole_k = k * ((n + NR - 1) / NR * NR) <= KAPPA_GEMM_PACKED;
     long nc_max = KAPPA_GEMM_PACKED / (whole_k ? k : kc0) / NR * NR;
     if (nc_max < NR) nc_max = NR;
@@ -215,18 +245,34 @@ KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long 
     st.alpha = _mm512_set1_ps(alpha);
     st.beta = _mm512_set1_ps(beta);
     st.read_c = beta != 0;
+    // A transposed A's 12 values of a step of k are contiguous, but the steps lie lda apart,
+    // and a multiple of 4 KB would map them all to a few sets of L1: it is copied by blocks of
+    // mc rows (over all of k, or over the current block of k) when it meets many panels of B
+    // or lda is such. The copy also sums its rows when asked (a linear layer's bias gradient
+    // next to its weight gradient), on the first slice of columns only.
     int pack_a = trans_a && (n >= 4 * NR || lda % 1024 == 0);
+    long mc = KAPPA_GEMM_PACKED_A / (whole_k ? k : kc0) / MR * MR;
+    if (mc < MR) mc = MR;
+    if (mc > KAPPA_GEMM_MC_MAX) mc = KAPPA_GEMM_MC_MAX;
+    if (!pack_a) a_sums = NULL;
+    if (a_sums)
+        for (long i = 0; i < m; i++) a_sums[i] = 0;
     for (long jc = 0; jc < n; jc += nc_max) {
         long nc = n - jc < nc_max ? n - jc : nc_max, ncp = (nc + NR - 1) / NR * NR;
+        float *sums = jc == 0 ? a_sums : NULL;
         if (whole_k) {
             for (long pc = 0; pc < k; pc += kc0)
                 pack_b(trans_b, b, ldb, pc, k - pc < kc0 ? k - pc : kc0, jc, nc, bp + pc * ncp);
-            for (long i0 = 0; i0 < m; i0 += MR) {
-                int rows = (int)(m - i0 < MR ? m - i0 : MR);
-                for (long pc = 0; pc < k; pc += kc0) {
-                    st.first = pc == 0;
-                    row_panel(trans_a, pack_a, a, lda, i0, rows, pc, k - pc < kc0 ? k - pc : kc0, bp + pc * ncp, jc, nc,
-                              c, ldc, bias, &st, pa);
+            for (long ic = 0; ic < m; ic += mc) {
+                long mcc = m - ic < mc ? m - ic : mc;
+                if (pack_a) pack_a_block(a, lda, ic, mcc, 0, k, pa, sums ? sums + ic : NULL, acc);
+                for (long i0 = ic; i0 < ic + mcc; i0 += MR) {
+                    int rows = (int)(ic + mcc - i0 < MR ? ic + mcc - i0 : MR);
+                    for (long pc = 0; pc < k; pc += kc0) {
+                        st.first = pc == 0;
+                        row_panel(trans_a, pack_a ? pa + (i0 - ic) * k + pc * MR : NULL, a, lda, i0, rows, pc,
+                                  k - pc < kc0 ? k - pc : kc0, bp + pc * ncp, jc, nc, c, ldc, bias, &st);
+                    }
                 }
             }
         } else {
@@ -234,22 +280,37 @@ KAPPA_AVX512 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long 
                 long kc = k - pc < kc0 ? k - pc : kc0;
                 pack_b(trans_b, b, ldb, pc, kc, jc, nc, bp);
                 st.first = pc == 0;
-                for (long i0 = 0; i0 < m; i0 += MR)
-                    row_panel(trans_a, pack_a, a, lda, i0, (int)(m - i0 < MR ? m - i0 : MR), pc, kc, bp, jc, nc, c, ldc,
-                              bias, &st, pa);
+                for (long ic = 0; ic < m; ic += mc) {
+                    long mcc = m - ic < mc ? m - ic : mc;
+                    if (pack_a) pack_a_block(a, lda, ic, mcc, pc, kc, pa, sums ? sums + ic : NULL, acc);
+                    for (long i0 = ic; i0 < ic + mcc; i0 += MR)
+                        row_panel(trans_a, pack_a ? pa + (i0 - ic) * kc : NULL, a, lda, i0,
+                                  (int)(ic + mcc - i0 < MR ? ic + mcc - i0 : MR), pc, kc, bp, jc, nc, c, ldc, bias,
+                                  &st);
+                }
             }
         }
     }
+    return a_sums != NULL;
+}
+
+void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                    const float *b, long ldb, float beta, float *c, long ldc, const float *bias) {
+    kappa_gemm_f32_sums(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bias, NULL);
 }
 
 #else
 
 int kappa_gemm_direct_available(void) { return 0; }
+int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                        const float *b, long ldb, float beta, float *c, long ldc, const float *bias, float *a_sums) {
+    (void)trans_a; (void)trans_b; (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b;
+    (void)ldb; (void)beta; (void)c; (void)ldc; (void)bias; (void)a_sums;
+    __builtin_trap();
+}
 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
                     const float *b, long ldb, float beta, float *c, long ldc, const float *bias) {
-    (void)trans_a; (void)trans_b; (void)m; (void)n; (void)k; (void)alpha; (void)a; (void)lda; (void)b;
-    (void)ldb; (void)beta; (void)c; (void)ldc; (void)bias;
-    __builtin_trap();
+    kappa_gemm_f32_sums(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bias, NULL);
 }
 
 #endif

@@ -84,6 +84,48 @@ import Testing
         }
     }
 
+    /// `kappa_gemm_f32_sums` sums the rows of a transposed A as it copies them: the product has
+    /// `kappa_gemm_f32`'s bits, and the sums are the rows summed in order in Float32 (what
+    /// `sum(alongAxis: 0)` of G computes for a linear layer's bias), for all of k packed at once,
+    /// k in blocks, columns in slices, rows in several copied blocks and a partial micro-panel.
+    /// Where A is read in place (n < 128) the kernel declines the sums.
+    @Test(arguments: [(100, 130, 300), (600, 160, 700), (37, 1100, 512), (1000, 128, 40), (30, 96, 500)])
+    func rowSumsOfTransposedA(m: Int, n: Int, k: Int) throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        let a = randn([k * m], seed: 91, dtype: .float32).scalars(as: Float.self)  // A stored [k, m]
+        let b = randn([k * n], seed: 92, dtype: .float32).scalars(as: Float.self)
+        var plain = [Float](repeating: 0, count: m * n), fused = [Float](repeating: .nan, count: m * n)
+        var sums = [Float](repeating: .nan, count: m)
+        kappa_gemm_f32(1, 0, m, n, k, 1, a, m, b, n, 0, &plain, n, nil)
+        let written = kappa_gemm_f32_sums(1, 0, m, n, k, 1, a, m, b, n, 0, &fused, n, nil, &sums)
+        #expect(fused == plain)
+        if n >= 128 {
+            var expected = [Float](repeating: 0, count: m)
+            for step in 0..<k { for i in 0..<m { expected[i] += a[step * m + i] } }
+            #expect(written == 1)
+            #expect(sums == expected)
+        } else {
+            #expect(written == 0)
+            #expect(sums.allSatisfy { $0.isNaN }, "declined sums are left alone")
+        }
+    }
+
+    /// `linear`'s weight and bias gradients through the fused pass are bit for bit those of
+    /// the two separate ops (Gᵀ·x by the same kernel, G summed over rows), whether the product
+    /// is split over threads by rows (out ≥ in) or by columns (the first chunk sums).
+    @Test(arguments: [(700, 160, 200), (500, 384, 96), (64, 1024, 48)])
+    func linearBiasGradientEqualsTheSeparateSum(rows: Int, inFeatures: Int, outFeatures: Int) throws {
+        try #require(HostKernels.hasDirectMatmul, "the direct kernel needs AVX-512 (this CPU: \(HostKernels.vectorLevel))")
+        let x = randn([rows, inFeatures], seed: 93, dtype: .float32)
+        let w = randn([outFeatures, inFeatures], seed: 94, dtype: .float32).requiringGrad()
+        let b = randn([outFeatures], seed: 95, dtype: .float32).requiringGrad()
+        let gy = randn([rows, outFeatures], seed: 96, dtype: .float32)
+        HostKernels.withDirectMatmul(true) { (Tensor.linear(x, weight: w, bias: b) * gy).sum().backward() }
+        let (dw, db) = HostKernels.withDirectMatmul(true) { (gy.transposed().matmul(x), gy.sum(alongAxis: 0)) }
+        #expect(w.grad!.scalars(as: Float.self) == dw.scalars(as: Float.self))
+        #expect(b.grad!.scalars(as: Float.self) == db.scalars(as: Float.self))
+    }
+
     /// With the switch on, `linear` returns exactly what the kernel computes (so the op runs it);
     /// a shape below the kernel's minimum, and the switch off, go to BLAS and still agree.
     @Test func linearRunsTheKernel() throws {

@@ -68,6 +68,12 @@ void kappa_narrow_f64(const double *src, double *dst, long images, long rows, lo
 int kappa_gemm_direct_available(void);
 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
                     const float *b, long ldb, float beta, float *c, long ldc, const float *bias);
+// kappa_gemm_f32, and with trans_a, when the kernel copies A (n ≥ 128, or lda a multiple of
+// 1024), also a_sums[i] = Σ_k op(A)(i, k), summed in increasing k from 0 in Float32 (for a
+// linear layer, the bias gradient beside the weight gradient Gᵀ·x): returns 1 when a_sums was
+// written, 0 when not (a_sums NULL, or A read in place; the caller sums then).
+int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                        const float *b, long ldb, float beta, float *c, long ldc, const float *bias, float *a_sums);
 
 // Direct convolutions on Float32 (conv_direct.c) for CPUs with AVX-512
 // (kappa_conv_direct_available(); elsewhere the kernels trap): 3×3 at stride 1 with padding 1,

@@ -38,21 +38,26 @@ func usesDirectProduct<T: TensorScalar>(_: T.Type, _ m: Int, _ n: Int, _ k: Int)
 
 /// C = alpha·op(A)·op(B) + beta·C (+ bias in every row) for row-major storage, on the calling
 /// thread: through BLAS, or Kappa's kernel when `direct` (Float32 only); a bias needs `direct`.
-@inline(__always)
+/// With `aSums` (direct only), the kernel may also write each row's sum of op(A) there
+/// (`kappa_gemm_f32_sums`); the result says whether it did.
+@inline(__always) @discardableResult
 func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                            _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
                            _ c: UnsafeMutablePointer<T>, _ ldc: Int, alpha: T = 1, beta: T = 0,
-                           direct: Bool = false, bias: UnsafePointer<T>? = nil) {
+                           direct: Bool = false, bias: UnsafePointer<T>? = nil,
+                           aSums: UnsafeMutablePointer<T>? = nil) -> Bool {
     let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
     precondition(bias == nil || direct, "gemm: a bias is added by the direct kernel only")
+    precondition(aSums == nil || direct, "gemm: row sums of A come from the direct kernel only")
     switch T.dtype {
     case .float32 where direct:
-        a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
+        return a.withMemoryRebound(to: Float.self, capacity: 1) { pa in
             b.withMemoryRebound(to: Float.self, capacity: 1) { pb in
                 c.withMemoryRebound(to: Float.self, capacity: 1) { pc in
                     let pbias = bias.map { UnsafeRawPointer($0).assumingMemoryBound(to: Float.self) }
-                    kappa_gemm_f32(transA ? 1 : 0, transB ? 1 : 0, m, n, k, Float(alpha), pa, lda, pb, ldb,
-                                   Float(beta), pc, ldc, pbias)
+                    let psums = aSums.map { UnsafeMutableRawPointer($0).assumingMemoryBound(to: Float.self) }
+                    return kappa_gemm_f32_sums(transA ? 1 : 0, transB ? 1 : 0, m, n, k, Float(alpha), pa, lda, pb, ldb,
+                                               Float(beta), pc, ldc, pbias, psums) != 0
                 }
             }
         }
@@ -65,6 +70,7 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
                 }
             }
         }
+        return false
     case .float64:
         a.withMemoryRebound(to: Double.self, capacity: 1) { pa in
             b.withMemoryRebound(to: Double.self, capacity: 1) { pb in
@@ -74,6 +80,7 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
                 }
             }
         }
+        return false
     }
 }
 
@@ -81,28 +88,37 @@ func gemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _
 /// the longer of C's two sides cut into one block per core, each block one BLAS call on its
 /// own thread (OpenBLAS runs single-threaded; see ``Parallel/cores``).
 /// A direct product's columns are split at multiples of 32, its kernel's panel width.
+/// With `aSums`, as ``gemm``: the result says whether every row's sum of op(A) was written.
+@discardableResult
 func parallelGemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int,
                                    _ a: UnsafePointer<T>, _ lda: Int, _ b: UnsafePointer<T>, _ ldb: Int,
                                    _ c: UnsafeMutablePointer<T>, _ ldc: Int, beta: T = 0,
-                                   direct: Bool = false, bias: UnsafePointer<T>? = nil) {
+                                   direct: Bool = false, bias: UnsafePointer<T>? = nil,
+                                   aSums: UnsafeMutablePointer<T>? = nil) -> Bool {
     let cores = Parallel.cores  // first use sets OpenBLAS to one thread
     let chunks = m * n * k >= 1 << 21 ? Swift.min(cores, Swift.max(m, n) / 16) : 1
     if chunks <= 1 {
-        gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta, direct: direct, bias: bias)
-        return
+        return gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta, direct: direct, bias: bias, aSums: aSums)
     }
-    Parallel.forEachChunk(chunks) { chunk in
-        if m >= n {
-            let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
-            gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc, beta: beta,
-                 direct: direct, bias: bias)
-        } else {
-            let panels = direct ? (n + 31) / 32 : n, width = direct ? 32 : 1
-            let (j0, j1) = (Swift.min(n, panels * chunk / chunks * width), Swift.min(n, panels * (chunk + 1) / chunks * width))
-            gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc, beta: beta,
-                 direct: direct, bias: bias.map { $0 + j0 })
+    // Whether each chunk wrote its rows' sums (every chunk's rows when C is split by rows;
+    // when it is split by columns, the first chunk sums all rows and the others none).
+    var summed = [Bool](repeating: true, count: chunks)
+    summed.withUnsafeMutableBufferPointer { summed in
+        Parallel.forEachChunk(chunks) { chunk in
+            if m >= n {
+                let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
+                summed[chunk] = gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb,
+                                     c + i0 * ldc, ldc, beta: beta, direct: direct, bias: bias, aSums: aSums.map { $0 + i0 })
+            } else {
+                let panels = direct ? (n + 31) / 32 : n, width = direct ? 32 : 1
+                let (j0, j1) = (Swift.min(n, panels * chunk / chunks * width), Swift.min(n, panels * (chunk + 1) / chunks * width))
+                let wrote = gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc,
+                                 beta: beta, direct: direct, bias: bias.map { $0 + j0 }, aSums: chunk == 0 ? aSums : nil)
+                if chunk == 0 { summed[chunk] = wrote }
+            }
         }
     }
+    return aSums != nil && summed.allSatisfy { $0 }
 }
 
 extension Tensor {
@@ -154,8 +170,12 @@ extension Tensor {
         var inputs = [rows, weight]
         if let bias { inputs.append(bias) }
         Tape.record("linear", inputs, out) { g in
-            var grads = [rows._requiresGrad ? g.matmul(weight) : nil,
-                         weight._requiresGrad ? g.transposed().matmul(rows) : nil]
+            let dx = rows._requiresGrad ? g.matmul(weight) : nil
+            if let bias, weight._requiresGrad, bias._requiresGrad,
+               let (dw, db) = linearParameterGradients(g, rows) {
+                return [dx, dw, db]
+            }
+            var grads = [dx, weight._requiresGrad ? g.transposed().matmul(rows) : nil]
             if let bias { grads.append(bias._requiresGrad ? g.sum(alongAxis: 0) : nil) }
             return grads
         }
@@ -182,6 +202,28 @@ extension Tensor {
         }
         return out
     }
+}
+
+/// A linear layer's weight and bias gradients, Gᵀ·x and G summed over rows, from one pass of
+/// the direct kernel, which sums the rows of G as it copies them for the product: the same
+/// values, bit for bit, as `g.transposed().matmul(rows)` and `g.sum(alongAxis: 0)` (both sum
+/// the rows in order, one after the other, in Float32), without a second pass over G. `nil`
+/// where that kernel does not take the product (see ``usesDirectProduct``; or G is not stored
+/// row by row); the kernel may also decline the sums, which are then taken separately.
+private func linearParameterGradients(_ g: Tensor, _ rows: Tensor) -> (Tensor, Tensor)? {
+    let (r, outFeatures, inFeatures) = (rows.shape[0], g.shape[1], rows.shape[1])
+    guard g.dtype == .float32, usesDirectProduct(Float.self, outFeatures, inFeatures, r),
+          let opG = MatrixOperand(rows: r, cols: outFeatures, rowStride: g.strides[0], colStride: g.strides[1]),
+          !opG.transpose else { return nil }
+    let x = MatrixOperand(rows: r, cols: inFeatures, rowStride: rows.strides[0], colStride: rows.strides[1]) != nil
+        ? rows : rows.contiguousData()
+    let opX = MatrixOperand(rows: r, cols: inFeatures, rowStride: x.strides[0], colStride: x.strides[1])!
+    let dw = Tensor(uninitialized: [outFeatures, inFeatures], dtype: .float32)
+    let db = Tensor(uninitialized: [outFeatures], dtype: .float32)
+    let summed = parallelGemm(true, opX.transpose, outFeatures, inFeatures, r, UnsafePointer(g.pointer(Float.self)),
+                              opG.ld, UnsafePointer(x.pointer(Float.self)), opX.ld, dw.pointer(Float.self), inFeatures,
+                              direct: true, aSums: db.pointer(Float.self))
+    return (dw, summed ? db : g.sum(alongAxis: 0))
 }
 
 /// The forward of ``Tensor/linear(_:weight:bias:)``: rows·Wᵀ + bias stored by the direct
