@@ -20,7 +20,10 @@
 #if defined(__x86_64__) && defined(__clang__)
 #include <immintrin.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 #define KAPPA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define KAPPA_INLINE __attribute__((always_inline)) static inline
@@ -55,6 +58,77 @@ static float *packed_buffer(void) {
         if (!buffer || pthread_setspecific(packed_key, buffer) != 0) __builtin_trap();
     }
     return buffer;
+}
+
+/// KAPPA_MATMUL_TRACE=1 at start-up: every product's time, summed per shape and layout and
+/// printed to standard error at exit, longest first, with its rate: how fast each product of a
+/// training step runs inside the step (the operands as cold or hot as the step leaves them),
+/// which timing a product alone does not tell. Off, it costs one test per product.
+typedef struct { long m, n, k, lda, ldb, calls; int trans_a, trans_b; double seconds; } kappa_trace_row;
+#define KAPPA_TRACE_ROWS 512
+static kappa_trace_row trace_rows[KAPPA_TRACE_ROWS];
+static long trace_count, trace_dropped;
+static int trace_enabled;
+static pthread_mutex_t trace_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t trace_once = PTHREAD_ONCE_INIT;
+
+static int by_seconds(const void *x, const void *y) {
+    double a = ((const kappa_trace_row *)x)->seconds, b = ((const kappa_trace_row *)y)->seconds;
+    return a < b ? 1 : a > b ? -1 : 0;
+}
+
+static void trace_print(void) {
+    pthread_mutex_lock(&trace_lock);
+    qsort(trace_rows, (size_t)trace_count, sizeof(kappa_trace_row), by_seconds);
+    double total = 0, flop = 0;
+    for (long i = 0; i < trace_count; i++) {
+        total += trace_rows[i].seconds;
+        flop += 2.0 * trace_rows[i].m * trace_rows[i].n * trace_rows[i].k * trace_rows[i].calls;
+    }
+    fprintf(stderr, "KAPPA_MATMUL_TRACE: direct products, %.3f s in all, %.1f GFLOP/s\n", total,
+            total > 0 ? flop / total * 1e-9 : 0.0);
+    fprintf(stderr, "  %-22s %-6s %-11s %8s %10s %9s\n", "m x n x k", "op", "lda, ldb", "calls", "seconds", "GFLOP/s");
+    for (long i = 0; i < trace_count; i++) {
+        const kappa_trace_row *r = &trace_rows[i];
+        char shape[64], lds[32];
+        snprintf(shape, sizeof shape, "%ld x %ld x %ld", r->m, r->n, r->k);
+        snprintf(lds, sizeof lds, "%ld, %ld", r->lda, r->ldb);
+        fprintf(stderr, "  %-22s %-6s %-11s %8ld %10.4f %9.1f\n", shape,
+                r->trans_a ? (r->trans_b ? "At*Bt" : "At*B") : (r->trans_b ? "A*Bt" : "A*B"), lds, r->calls, r->seconds,
+                2.0 * r->m * r->n * r->k * r->calls / r->seconds * 1e-9);
+    }
+    if (trace_dropped) fprintf(stderr, "  (%ld products of further shapes not shown)\n", trace_dropped);
+    pthread_mutex_unlock(&trace_lock);
+}
+
+static void trace_start(void) {
+    const char *e = getenv("KAPPA_MATMUL_TRACE");
+    trace_enabled = e && *e && strcmp(e, "0") != 0;
+    if (trace_enabled) atexit(trace_print);
+}
+
+static void trace_add(int trans_a, int trans_b, long m, long n, long k, long lda, long ldb, double seconds) {
+    pthread_mutex_lock(&trace_lock);
+    long i = 0;
+    while (i < trace_count && !(trace_rows[i].m == m && trace_rows[i].n == n && trace_rows[i].k == k &&
+                                trace_rows[i].lda == lda && trace_rows[i].ldb == ldb &&
+                                trace_rows[i].trans_a == trans_a && trace_rows[i].trans_b == trans_b))
+        i++;
+    if (i == trace_count && trace_count < KAPPA_TRACE_ROWS)
+        trace_rows[trace_count++] = (kappa_trace_row){m, n, k, lda, ldb, 0, trans_a, trans_b, 0};
+    if (i < trace_count) {
+        trace_rows[i].calls++;
+        trace_rows[i].seconds += seconds;
+    } else {
+        trace_dropped++;
+    }
+    pthread_mutex_unlock(&trace_lock);
+}
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
 /// The lanes of a panel's two vectors that hold columns (nj of them, 1 to 32).
@@ -220,9 +294,9 @@ KAPPA_AVX512 static void row_panel(int trans_a, const float *pa, const float *a,
     }
 }
 
-KAPPA_AVX512 int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a,
-                                     long lda, const float *b, long ldb, float beta, float *c, long ldc,
-                                     const float *bias, float *a_sums) {
+KAPPA_AVX512 static int gemm(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                             const float *b, long ldb, float beta, float *c, long ldc, const float *bias,
+                             float *a_sums) {
     if (m <= 0 || n <= 0) return 0;
     if (kappa_cpu_vector_level() < 3) __builtin_trap();
     if (k <= 0) {
@@ -292,6 +366,16 @@ KAPPA_AVX512 int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, l
         }
     }
     return a_sums != NULL;
+}
+
+int kappa_gemm_f32_sums(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
+                        const float *b, long ldb, float beta, float *c, long ldc, const float *bias, float *a_sums) {
+    pthread_once(&trace_once, trace_start);
+    if (!trace_enabled) return gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bias, a_sums);
+    double start = seconds_now();
+    int summed = gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bias, a_sums);
+    trace_add(trans_a, trans_b, m, n, k, lda, ldb, seconds_now() - start);
+    return summed;
 }
 
 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,

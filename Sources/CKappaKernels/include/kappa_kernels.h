@@ -65,6 +65,7 @@ void kappa_narrow_f64(const double *src, double *dst, long images, long rows, lo
 // trans_a), op(B) [k, n] (B stored [n, k] when trans_b), bias [n] added to every row (or
 // NULL). C is only read when beta ≠ 0. Each element sums k in increasing order in blocks of
 // 256 terms, so results do not depend on how the callers split rows or columns.
+// KAPPA_MATMUL_TRACE=1 at start-up prints each shape's summed time and rate at exit.
 int kappa_gemm_direct_available(void);
 void kappa_gemm_f32(int trans_a, int trans_b, long m, long n, long k, float alpha, const float *a, long lda,
                     const float *b, long ldb, float beta, float *c, long ldc, const float *bias);
