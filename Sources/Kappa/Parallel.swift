@@ -112,7 +112,9 @@ public enum HostKernels {
     /// ViT's training step (`ref-micro`) and is on a par with OpenBLAS on large products. On by default where the CPU has AVX-512 in optimized
     /// builds, as ``usesDirectConvolution``; `KAPPA_MATMUL_DIRECT=0` or `1` sets it at start-up.
     /// Each element sums k in increasing order (in blocks of 256), so the results do not depend
-    /// on the thread count, but they differ from OpenBLAS's in the last digits.
+    /// on the thread count, but they differ from OpenBLAS's in the last digits. A linear
+    /// layer's bias gradient comes from the weight gradient's pass over G, with the separate
+    /// sum's bits. `KAPPA_MATMUL_TRACE=1` at start-up prints each shape's time and rate at exit.
     public static var usesDirectMatmul: Bool {
         get { directMatmul.isOn }
         set { directMatmul.set(newValue, "usesDirectMatmul") }
