@@ -41,15 +41,10 @@ for round in $(seq 1 "${ROUNDS:-4}"); do
         wait
     done
 done
-python3 - "$work/base.tsv" "$work/this.tsv" "$rev" <<'EOF'
+# The result files are read as compare.py (the comparison with PyTorch) reads them.
+PYTHONPATH=Benchmarks/peers python3 - "$work/base.tsv" "$work/this.tsv" "$rev" <<'EOF'
 import statistics, sys
-def read(path):
-    out = {}
-    for line in open(path):
-        if "\t" in line:
-            name, value = line.rstrip("\n").split("\t")
-            out.setdefault(name, []).append(float(value))
-    return out
+from compare import read
 base, this, rev = read(sys.argv[1]), read(sys.argv[2]), sys.argv[3]
 print(f"| workload (side by side, 1 thread each) | {rev} | this tree | ratio |")
 print("|---|---:|---:|---:|")

@@ -39,18 +39,22 @@ def show(name, v):
     return f"{v * 1e6:.2f} µs"
 
 
-args = sys.argv[1:]
-runs = [(args[i], read(args[i + 1]), read(args[i + 2])) for i in range(0, len(args), 3)]
-names = []
-for _, kappa, _ in runs:
-    names += [n for n in kappa if n not in names]
-header = "| workload |" + "".join(f" Kappa {t}T | PyTorch {t}T | ratio {t}T |" for t, _, _ in runs)
-print(header)
-print("|---|" + "---:|---:|---:|" * len(runs))
-for name in names:
-    row = f"| {name} |"
-    for _, kappa, torch in runs:
-        k, t = kappa.get(name), torch.get(name)
-        median = lambda v: statistics.median(v) if v else None
-        row += f" {show(name, median(k))} | {show(name, median(t))} | {ratio(k, t)} |"
-    print(row)
+def main(args):
+    runs = [(args[i], read(args[i + 1]), read(args[i + 2])) for i in range(0, len(args), 3)]
+    names = []
+    for _, kappa, _ in runs:
+        names += [n for n in kappa if n not in names]
+    header = "| workload |" + "".join(f" Kappa {t}T | PyTorch {t}T | ratio {t}T |" for t, _, _ in runs)
+    print(header)
+    print("|---|" + "---:|---:|---:|" * len(runs))
+    for name in names:
+        row = f"| {name} |"
+        for _, kappa, torch in runs:
+            k, t = kappa.get(name), torch.get(name)
+            median = lambda v: statistics.median(v) if v else None
+            row += f" {show(name, median(k))} | {show(name, median(t))} | {ratio(k, t)} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
