@@ -12,7 +12,9 @@
 # the per-round ratios (this tree / REV) with their range. Needs at least two cores. How far to
 # trust it, measured on the development machine: the same binary on both cores agrees within
 # 1% (ref-tiny); two builds' rounds scatter by about ±5% around their median, so a change of a
-# few percent needs several runs.
+# few percent needs several runs. Short workloads scatter far more (ref-micro, a second per
+# run: 0.72–1.33 over four rounds of two builds that alone differ by 2%), the two runs' phases
+# no longer overlapping: use it on steps as long as ref-tiny's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash Benchmarks/ab.sh REV [sections...]" >&2; exit 2; }
