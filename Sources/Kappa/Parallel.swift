@@ -109,8 +109,9 @@ public enum HostKernels {
     /// are at least 32 wide (attention's per-head products stay with OpenBLAS's small-matrix
     /// kernels). It reads A where it lies, packs B, and writes C once with the bias added,
     /// where OpenBLAS packs both operands and clears C first: it takes a tenth off a small
-    /// ViT's training step (`ref-micro`) and is on a par with OpenBLAS on large products. On by default where the CPU has AVX-512 in optimized
-    /// builds, as ``usesDirectConvolution``; `KAPPA_MATMUL_DIRECT=0` or `1` sets it at start-up.
+    /// ViT's training step (`ref-micro`) and is on a par with OpenBLAS on large products. On
+    /// by default where the CPU has AVX-512 in optimized builds, as ``usesDirectConvolution``;
+    /// `KAPPA_MATMUL_DIRECT=0` or `1` sets it at start-up.
     /// Each element sums k in increasing order (in blocks of 256), so the results do not depend
     /// on the thread count, but they differ from OpenBLAS's in the last digits. A linear
     /// layer's bias gradient comes from the weight gradient's pass over G, with the separate

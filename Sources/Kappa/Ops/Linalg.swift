@@ -24,6 +24,19 @@ private struct MatrixOperand {
             return nil
         }
     }
+
+    /// `t`'s last two dimensions as an operand, with the tensor that holds them: `t` itself,
+    /// or a contiguous copy when its strides fit neither layout.
+    static func of(_ t: Tensor) -> (Tensor, MatrixOperand) {
+        let r = t.rank
+        if let op = MatrixOperand(rows: t.shape[r - 2], cols: t.shape[r - 1],
+                                  rowStride: t.strides[r - 2], colStride: t.strides[r - 1]) {
+            return (t, op)
+        }
+        let c = t.contiguousData()
+        return (c, MatrixOperand(rows: c.shape[r - 2], cols: c.shape[r - 1],
+                                 rowStride: c.strides[r - 2], colStride: c.strides[r - 1])!)
+    }
 }
 
 /// Whether a product of this shape and type goes to Kappa's direct kernel: Float32, the kernel
@@ -100,25 +113,27 @@ func parallelGemm<T: TensorScalar>(_ transA: Bool, _ transB: Bool, _ m: Int, _ n
     if chunks <= 1 {
         return gemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc, beta: beta, direct: direct, bias: bias, aSums: aSums)
     }
-    // Whether each chunk wrote its rows' sums (every chunk's rows when C is split by rows;
-    // when it is split by columns, the first chunk sums all rows and the others none).
-    var summed = [Bool](repeating: true, count: chunks)
-    summed.withUnsafeMutableBufferPointer { summed in
+    // Split by rows, every chunk sums its own rows, and all decide alike (the kernel's choice
+    // depends on n and lda, which they share); split by columns, the first chunk sums all rows.
+    // Either way the first chunk's answer is the product's.
+    var summed = false
+    withUnsafeMutablePointer(to: &summed) { summed in
         Parallel.forEachChunk(chunks) { chunk in
+            let wrote: Bool
             if m >= n {
                 let (i0, i1) = (m * chunk / chunks, m * (chunk + 1) / chunks)
-                summed[chunk] = gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb,
-                                     c + i0 * ldc, ldc, beta: beta, direct: direct, bias: bias, aSums: aSums.map { $0 + i0 })
+                wrote = gemm(transA, transB, i1 - i0, n, k, a + (transA ? i0 : i0 * lda), lda, b, ldb, c + i0 * ldc, ldc,
+                             beta: beta, direct: direct, bias: bias, aSums: aSums.map { $0 + i0 })
             } else {
                 let panels = direct ? (n + 31) / 32 : n, width = direct ? 32 : 1
                 let (j0, j1) = (Swift.min(n, panels * chunk / chunks * width), Swift.min(n, panels * (chunk + 1) / chunks * width))
-                let wrote = gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc,
-                                 beta: beta, direct: direct, bias: bias.map { $0 + j0 }, aSums: chunk == 0 ? aSums : nil)
-                if chunk == 0 { summed[chunk] = wrote }
+                wrote = gemm(transA, transB, m, j1 - j0, k, a, lda, b + (transB ? j0 * ldb : j0), ldb, c + j0, ldc,
+                             beta: beta, direct: direct, bias: bias.map { $0 + j0 }, aSums: chunk == 0 ? aSums : nil)
             }
+            if chunk == 0 { summed.pointee = wrote }
         }
     }
-    return aSums != nil && summed.allSatisfy { $0 }
+    return summed
 }
 
 extension Tensor {
@@ -215,9 +230,7 @@ private func linearParameterGradients(_ g: Tensor, _ rows: Tensor) -> (Tensor, T
     guard g.dtype == .float32, usesDirectProduct(Float.self, outFeatures, inFeatures, r),
           let opG = MatrixOperand(rows: r, cols: outFeatures, rowStride: g.strides[0], colStride: g.strides[1]),
           !opG.transpose else { return nil }
-    let x = MatrixOperand(rows: r, cols: inFeatures, rowStride: rows.strides[0], colStride: rows.strides[1]) != nil
-        ? rows : rows.contiguousData()
-    let opX = MatrixOperand(rows: r, cols: inFeatures, rowStride: x.strides[0], colStride: x.strides[1])!
+    let (x, opX) = MatrixOperand.of(rows)
     let dw = Tensor(uninitialized: [outFeatures, inFeatures], dtype: .float32)
     let db = Tensor(uninitialized: [outFeatures], dtype: .float32)
     let summed = parallelGemm(true, opX.transpose, outFeatures, inFeatures, r, UnsafePointer(g.pointer(Float.self)),
@@ -255,17 +268,7 @@ private func matmulKernel<T: TensorScalar>(_ a0: Tensor, _ b0: Tensor, _ out: Te
         if beta == 0 { out.pointer(T.self).update(repeating: 0, count: out.count) }
         return
     }
-    func operand(_ t: Tensor) -> (Tensor, MatrixOperand) {
-        let r = t.rank
-        if let op = MatrixOperand(rows: t.shape[r - 2], cols: t.shape[r - 1],
-                                  rowStride: t.strides[r - 2], colStride: t.strides[r - 1]) {
-            return (t, op)
-        }
-        let c = t.contiguousData()
-        return (c, MatrixOperand(rows: c.shape[r - 2], cols: c.shape[r - 1],
-                                 rowStride: c.strides[r - 2], colStride: c.strides[r - 1])!)
-    }
-    let (a, opA) = operand(a0), (b, opB) = operand(b0)
+    let (a, opA) = MatrixOperand.of(a0), (b, opB) = MatrixOperand.of(b0)
     let pa = a.pointer(T.self), pb = b.pointer(T.self), pc = out.pointer(T.self)
     let batchCount = shapeCount(batch)
     let bBatchStrides = broadcastStrides(shape: Array(b.shape.dropLast(2)), strides: Array(b.strides.dropLast(2)), to: batch)
